@@ -1,0 +1,352 @@
+"""Per-architecture hook points, additive patches, gradients and linearisation.
+
+Hook points (TransformerLens names):
+- ``resid_mid[l]``: the residual stream entering layer l's MLP block, before its pre-norm;
+- ``mlp_out[l]``: what layer l's MLP block adds to the residual stream (for Gemma-2/3 after
+  ``post_feedforward_layernorm``).
+
+Linearisation, as in circuit-tracer's ReplacementModel: attention patterns and normalisation
+scales are treated as constants for gradients (their forward values are unchanged), so that the
+gradient of the metric at ``mlp_out`` is the exact effect of a small additive write there.
+
+Everything is done with PyTorch module hooks and transformers' public ``AttentionInterface``
+registration; no library object is modified.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+from backend.errors import UserError
+
+ATTN_IMPLEMENTATION = "piescope"
+GradMode = Literal["replacement", "full"]
+
+
+# --------------------------------------------------------------------------------------------
+# Attention: eager attention whose pattern can be detached (linearised), recorded or replaced.
+
+
+@dataclass
+class AttentionControl:
+    """What the attention function does on this forward pass.
+
+    linearise: detach the softmax pattern, so gradients flow only through the values.
+    record: when a dict, patterns are stored in it by layer index ([B, H, Tq, Tk]).
+    override: patterns to use instead of computing them (layer index -> [B, H, Tq, Tk]).
+    """
+
+    linearise: bool = False
+    record: dict[int, Tensor] | None = None
+    override: dict[int, Tensor] | None = None
+
+
+_ATTENTION: ContextVar[AttentionControl] = ContextVar("piescope_attention", default=AttentionControl())
+
+
+def piescope_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                       attention_mask: Tensor | None, dropout: float = 0.0,
+                       scaling: float | None = None, softcap: float | None = None,
+                       **_: object) -> tuple[Tensor, Tensor]:
+    """Eager attention (the same arithmetic as transformers' eager path) with pattern control.
+
+    query [B, H, Tq, dh]; key, value [B, Hkv, Tk, dh] (grouped-query attention repeats k/v
+    over the H // Hkv query heads that share them); returns ([B, Tq, H, dh], pattern).
+    """
+    control = _ATTENTION.get()
+    layer = getattr(module, "layer_idx", None)
+    n_rep = query.shape[1] // key.shape[1]
+    if n_rep > 1:
+        key = key.repeat_interleave(n_rep, dim=1)
+        value = value.repeat_interleave(n_rep, dim=1)
+    if control.override is not None and layer in control.override:
+        pattern = control.override[layer].to(value.dtype)
+    else:
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        scores = torch.matmul(query, key.transpose(2, 3)) * scale
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
+        if attention_mask is not None:
+            if attention_mask.dtype == torch.bool:
+                scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+            else:
+                scores = scores + attention_mask[..., : key.shape[-2]]
+        pattern = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    if control.linearise:
+        pattern = pattern.detach()
+    if control.record is not None and layer is not None:
+        control.record[layer] = pattern.detach()
+    out = torch.matmul(pattern, value).transpose(1, 2).contiguous()
+    return out, pattern
+
+
+AttentionInterface.register(ATTN_IMPLEMENTATION, piescope_attention)
+AttentionMaskInterface.register(ATTN_IMPLEMENTATION, eager_mask)
+
+
+# --------------------------------------------------------------------------------------------
+# Normalisation with a frozen scale.
+
+
+def norm_scale(module: nn.Module, x: Tensor) -> Tensor:
+    """The per-token scale 1/rms (or 1/std for LayerNorm) that a norm module applies: [..., 1]."""
+    xf = x.float()
+    if isinstance(module, nn.LayerNorm):
+        xf = xf - xf.mean(-1, keepdim=True)
+        return torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + module.eps)
+    eps = getattr(module, "eps", getattr(module, "variance_epsilon", 1e-6))
+    return torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def norm_with_scale(module: nn.Module, x: Tensor, scale: Tensor) -> Tensor:
+    """The norm's output computed with a given (constant) scale: linear in x."""
+    if isinstance(module, nn.LayerNorm):
+        out = (x - x.mean(-1, keepdim=True)) * scale.to(x.dtype)
+        if module.weight is not None:
+            out = out * module.weight
+        return out + module.bias if module.bias is not None else out
+    weight = module.weight.float()
+    # Gemma's RMSNorm multiplies by (1 + weight); Llama/Qwen's by weight.
+    gain = 1.0 + weight if type(module).__name__.startswith("Gemma") else weight
+    return (x.float() * scale * gain).to(x.dtype)
+
+
+def is_norm(module: nn.Module) -> bool:
+    return isinstance(module, nn.LayerNorm) or type(module).__name__.endswith("RMSNorm")
+
+
+def _linearised_norm_hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+    """Keep the norm's value, but let gradients see it as x -> x * scale with scale constant."""
+    x = args[0]
+    linear = norm_with_scale(module, x, norm_scale(module, x).detach())
+    return output.detach() + (linear - linear.detach())
+
+
+# --------------------------------------------------------------------------------------------
+# Architectures.
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Where the hook points live in one transformers architecture."""
+
+    family: str
+    layers: Callable[[PreTrainedModel], nn.ModuleList]
+    body: Callable[[PreTrainedModel], nn.Module]
+    resid_mid_input: str  # submodule of a layer whose input is resid_mid
+    mlp_out_output: str   # submodule of a layer whose output is mlp_out
+
+
+def _hf_layers(m: PreTrainedModel) -> nn.ModuleList:
+    return m.model.layers
+
+
+ARCHITECTURES: dict[str, ArchSpec] = {
+    "gemma3_text": ArchSpec("gemma3", _hf_layers, lambda m: m.model,
+                            "pre_feedforward_layernorm", "post_feedforward_layernorm"),
+    "gemma2": ArchSpec("gemma2", _hf_layers, lambda m: m.model,
+                       "pre_feedforward_layernorm", "post_feedforward_layernorm"),
+    "llama": ArchSpec("llama", _hf_layers, lambda m: m.model, "post_attention_layernorm", "mlp"),
+    "qwen2": ArchSpec("qwen2", _hf_layers, lambda m: m.model, "post_attention_layernorm", "mlp"),
+    "qwen3": ArchSpec("qwen3", _hf_layers, lambda m: m.model, "post_attention_layernorm", "mlp"),
+    "gpt2": ArchSpec("gpt2", lambda m: m.transformer.h, lambda m: m.transformer, "ln_2", "mlp"),
+}
+
+
+@dataclass
+class RunOutput:
+    """What one forward pass returns.
+
+    logits: [B, V] at ``last_pos`` (or [B, T, V] with ``logits_at="all"``).
+    resid_mid, mlp_out: [L, B, T, d] when captured, else None.
+    mlp_out_leaves: per layer, the tensors whose ``.grad`` is dM/d mlp_out (gradient runs).
+    """
+
+    logits: Tensor
+    resid_mid: Tensor | None = None
+    mlp_out: Tensor | None = None
+    mlp_out_leaves: list[Tensor] = field(default_factory=list)
+
+    def mlp_out_grads(self) -> Tensor:
+        """[L, B, T, d] gradients at every mlp_out after ``backward()``."""
+        return torch.stack([leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
+                            for leaf in self.mlp_out_leaves])
+
+
+Patch = Tensor | dict[int, Tensor]
+
+
+class ModelAdapter:
+    """A Hugging Face causal LM with PIEscope's hook points.
+
+    ``run`` is the single entry point: optional additive patches at every ``mlp_out``, optional
+    capture of ``resid_mid`` and ``mlp_out``, optional linearisation, and optional gradient
+    leaves at ``mlp_out`` for the replacement or full gradient (DESIGN section 3).
+    """
+
+    def __init__(self, model: PreTrainedModel, tokenizer=None, name: str = "") -> None:
+        model_type = model.config.model_type
+        if model_type not in ARCHITECTURES:
+            raise UserError(f"architecture '{model_type}' is not supported; "
+                            f"supported: {', '.join(sorted(ARCHITECTURES))}")
+        self.spec = ARCHITECTURES[model_type]
+        self.model = model.eval()
+        self.model.requires_grad_(False)
+        self.model.set_attn_implementation(ATTN_IMPLEMENTATION)
+        self.tokenizer = tokenizer
+        self.name = name or getattr(model.config, "name_or_path", "") or model_type
+        self.layers = self.spec.layers(model)
+        self.body = self.spec.body(model)
+        self.n_layers = len(self.layers)
+        self.d_model = int(model.config.hidden_size)
+        self.d_vocab = int(model.config.vocab_size)
+        self.softcap = getattr(model.config, "final_logit_softcapping", None)
+
+    # -- hook points ---------------------------------------------------------------------------
+    @property
+    def family(self) -> str:
+        return self.spec.family
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def resid_mid_module(self, layer: int) -> nn.Module:
+        return getattr(self.layers[layer], self.spec.resid_mid_input)
+
+    def mlp_out_module(self, layer: int) -> nn.Module:
+        return getattr(self.layers[layer], self.spec.mlp_out_output)
+
+    def unembed(self, hidden: Tensor) -> Tensor:
+        """Final-normed hidden states [..., d] -> logits [..., V] (with Gemma-2's softcap)."""
+        logits = self.model.get_output_embeddings()(hidden)
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    @property
+    def unembedding(self) -> Tensor:
+        """W_U [V, d]: the unembedding matrix (for logit-lens readings)."""
+        return self.model.get_output_embeddings().weight
+
+    # -- the forward pass ----------------------------------------------------------------------
+    def run(self, input_ids: Tensor, attention_mask: Tensor | None = None, *,
+            last_pos: Tensor | None = None, patch: Patch | None = None,
+            capture: bool = False, linearise: bool = False, grad: GradMode | None = None,
+            logits_at: Literal["last", "all"] = "last",
+            attention: AttentionControl | None = None) -> RunOutput:
+        """One forward pass.
+
+        input_ids, attention_mask: [B, T], right-padded. last_pos: [B] index of each row's last
+        real token (defaults to T-1, or the mask's last 1).
+        patch: added to mlp_out, a tensor [L, B, T, d] or {layer: [B, T, d]}.
+        grad: ``"replacement"`` makes every mlp_out a leaf detached from its inputs (a write
+        reaches the metric only through the residual stream and attention; downstream MLPs see
+        it not at all); ``"full"`` adds a zero leaf so gradients also flow through later MLPs.
+        Either way ``RunOutput.mlp_out_leaves[l].grad`` is dM/d mlp_out_l after backward.
+        Gradient runs need ``torch.enable_grad()``; other runs are fine under no_grad.
+        """
+        if last_pos is None:
+            last_pos = (attention_mask.sum(-1) - 1 if attention_mask is not None
+                        else torch.full((input_ids.shape[0],), input_ids.shape[1] - 1))
+        resid: dict[int, Tensor] = {}
+        outs: dict[int, Tensor] = {}
+        leaves: dict[int, Tensor] = {}
+        handles = []
+
+        def mid_hook(layer: int):
+            def hook(module: nn.Module, args: tuple) -> None:
+                resid[layer] = args[0]
+            return hook
+
+        def out_hook(layer: int):
+            def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+                if patch is not None and (isinstance(patch, Tensor) or layer in patch):
+                    output = output + patch[layer].to(output.dtype)
+                if grad == "replacement":
+                    output = output.detach().requires_grad_(True)
+                    leaves[layer] = output
+                elif grad == "full":
+                    leaf = torch.zeros_like(output, requires_grad=True)
+                    leaves[layer] = leaf
+                    output = output + leaf
+                outs[layer] = output
+                return output
+            return hook
+
+        try:
+            # Norm hooks first: on Gemma the mlp_out module is itself a norm, and the patch and
+            # gradient leaf must be applied to the linearised norm's output, not under it.
+            if linearise:
+                handles += [m.register_forward_hook(_linearised_norm_hook)
+                            for m in self.model.modules() if is_norm(m)]
+            for layer in range(self.n_layers):
+                if capture:
+                    handles.append(self.resid_mid_module(layer).register_forward_pre_hook(mid_hook(layer)))
+                if capture or patch is not None or grad is not None:
+                    handles.append(self.mlp_out_module(layer).register_forward_hook(out_hook(layer)))
+            control = attention or _ATTENTION.get()
+            if linearise and not control.linearise:
+                control = AttentionControl(True, control.record, control.override)
+            token = _ATTENTION.set(control)
+            try:
+                hidden = self.body(input_ids=input_ids, attention_mask=attention_mask,
+                                   use_cache=False).last_hidden_state
+            finally:
+                _ATTENTION.reset(token)
+        finally:
+            for h in handles:
+                h.remove()
+
+        if logits_at == "last":
+            hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_pos.to(hidden.device)]
+        result = RunOutput(logits=self.unembed(hidden))
+        if capture:
+            result.resid_mid = torch.stack([resid[l] for l in range(self.n_layers)])
+            result.mlp_out = torch.stack([outs[l] for l in range(self.n_layers)])
+        if grad is not None:
+            result.mlp_out_leaves = [leaves[l] for l in range(self.n_layers)]
+        return result
+
+    def mlp_out_gradients(self, input_ids: Tensor, attention_mask: Tensor | None,
+                          metric: Callable[[Tensor], Tensor], *, last_pos: Tensor | None = None,
+                          mode: GradMode = "replacement", linearise: bool = True,
+                          capture: bool = True) -> tuple[RunOutput, Tensor]:
+        """dM/d mlp_out at every layer and position from one forward and one backward.
+
+        metric: last-position logits [B, V] -> [B]; rows are independent, so the sum's gradient
+        gives each row its own gradient. Returns (run output, grads [L, B, T, d]).
+        """
+        with torch.enable_grad():
+            out = self.run(input_ids, attention_mask, last_pos=last_pos, capture=capture,
+                           linearise=linearise, grad=mode)
+            metric(out.logits).sum().backward()
+        grads = out.mlp_out_grads()
+        out.logits = out.logits.detach()
+        if capture:
+            out.resid_mid, out.mlp_out = out.resid_mid.detach(), out.mlp_out.detach()
+        out.mlp_out_leaves = []
+        return out, grads
+
+    @contextlib.contextmanager
+    def recording_patterns(self) -> Iterator[dict[int, Tensor]]:
+        """Record every layer's attention pattern ([B, H, Tq, Tk]) on the passes inside."""
+        record: dict[int, Tensor] = {}
+        token = _ATTENTION.set(AttentionControl(record=record))
+        try:
+            yield record
+        finally:
+            _ATTENTION.reset(token)

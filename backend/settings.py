@@ -1,0 +1,43 @@
+"""PIESCOPE_* settings: one object, built once and passed down (no module globals)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class Settings(BaseSettings):
+    """Defaults give a working local setup with no configuration at all."""
+
+    model_config = SettingsConfigDict(env_prefix="PIESCOPE_", env_file=".env", extra="ignore")
+
+    models_cache: Path = Field(default=_REPO_ROOT / "models_cache",
+                               description="converted models, trained transcoders, activations")
+    data_dir: Path = Field(default=_REPO_ROOT / "data", description="database and job artefacts")
+    db_url: str | None = Field(default=None, description="SQLAlchemy URL; SQLite in data_dir if unset")
+    device: str = Field(default="cpu", description="torch device for models and transcoders")
+    dtype: str = Field(default="float32", description="model dtype: float32, bfloat16 or float16")
+    hf_cache: Path | None = Field(default=None, description="a local Hugging Face hub cache to read from")
+
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    api_token: str | None = None
+    api_url: str = "http://127.0.0.1:8000"
+    dash_host: str = "127.0.0.1"
+    dash_port: int = 8050
+
+    llm_base_url: str | None = None
+    llm_api_key: str | None = None
+    llm_model: str | None = None
+
+    @property
+    def database_url(self) -> str:
+        return self.db_url or f"sqlite:///{self.data_dir / 'piescope.db'}"
+
+
+def get_settings() -> Settings:
+    return Settings()
