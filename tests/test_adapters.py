@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 from backend.errors import UserError
-from backend.models.adapters import AttentionControl, ModelAdapter
+from backend.models.adapters import ModelAdapter
+from tests.frozen import FrozenModel
 
 
 def metric(logits: torch.Tensor) -> torch.Tensor:
@@ -86,47 +86,11 @@ def test_patch_adds_to_mlp_out(adapter, token_batch):
 
 
 def _frozen_reference_gradients(adapter: ModelAdapter, ids, mask, mode: str) -> torch.Tensor:
-    """Autograd through a pass whose attention patterns and norm scales are constants.
-
-    The scales are recorded by hand-written formulas on a clean pass, then substituted as fixed
-    tensors; the patterns are recorded and passed in as overrides.
-    """
-    norms = [m for m in adapter.model.modules()
-             if isinstance(m, nn.LayerNorm) or type(m).__name__.endswith("RMSNorm")]
-    scales: dict[nn.Module, torch.Tensor] = {}
-
-    def hand_scale(m, x):
-        if isinstance(m, nn.LayerNorm):
-            x = x - x.mean(-1, keepdim=True)
-            return 1.0 / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + m.eps)
-        eps = getattr(m, "eps", getattr(m, "variance_epsilon", None))
-        return 1.0 / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-
-    def record(m, args, output):
-        scales[m] = hand_scale(m, args[0]).detach().clone()
-
-    def frozen(m, args, output):
-        x, s = args[0], scales[m]
-        if isinstance(m, nn.LayerNorm):
-            return (x - x.mean(-1, keepdim=True)) * s * m.weight + m.bias
-        if type(m).__name__.startswith("Gemma"):
-            return x * s * (1.0 + m.weight)
-        return m.weight * (x * s)
-
-    handles = [m.register_forward_hook(record) for m in norms]
-    with torch.no_grad(), adapter.recording_patterns() as patterns:
-        adapter.run(ids, mask)
-    for h in handles:
-        h.remove()
-    constants = {k: v.clone() for k, v in patterns.items()}
-    handles = [m.register_forward_hook(frozen) for m in norms]
-    try:
-        with torch.enable_grad():
-            out = adapter.run(ids, mask, grad=mode, attention=AttentionControl(override=constants))
-            metric(out.logits).sum().backward()
-    finally:
-        for h in handles:
-            h.remove()
+    """Autograd through a pass whose attention patterns and norm scales are constants."""
+    frozen = FrozenModel(adapter, ids, mask, freeze_mlps=False)
+    with torch.enable_grad():
+        out = frozen.run(grad=mode)
+        metric(out.logits).sum().backward()
     return out.mlp_out_grads()
 
 
@@ -170,3 +134,29 @@ def test_unsupported_architecture_is_a_user_error():
                                        num_attention_heads=2, intermediate_size=32))
     with pytest.raises(UserError, match="not supported"):
         ModelAdapter(model)
+
+
+def test_sparse_patch_equals_dense_patch(adapter, token_batch):
+    from backend.models.adapters import SparsePatch
+    ids, mask = token_batch
+    B, T = ids.shape
+    dense = torch.zeros(adapter.n_layers, B, T, adapter.d_model)
+    sparse = SparsePatch()
+    g = torch.Generator().manual_seed(1)
+    for layer, b, p in [(0, 0, 2), (1, 2, 4), (1, 2, 4), (2, 1, 3)]:
+        v = torch.randn(1, adapter.d_model, generator=g)
+        dense[layer, b, p] += v[0]
+        sparse.add(layer, torch.tensor([b * T + p]), v)
+    with torch.no_grad():
+        a = adapter.run(ids, mask, patch=dense).logits
+        b_ = adapter.run(ids, mask, patch=sparse).logits
+    torch.testing.assert_close(a, b_, rtol=1e-5, atol=1e-5)
+
+
+def test_hidden_states_unembed_to_the_logits(adapter, token_batch):
+    ids, mask = token_batch
+    with torch.no_grad():
+        out = adapter.run(ids, mask, logits_at="none")
+        full = adapter.run(ids, mask, logits_at="all").logits
+    torch.testing.assert_close(adapter.unembed(out.hidden), full)
+    torch.testing.assert_close(out.logits, full[torch.arange(3), mask.sum(-1) - 1])

@@ -167,11 +167,13 @@ class RunOutput:
     """What one forward pass returns.
 
     logits: [B, V] at ``last_pos`` (or [B, T, V] with ``logits_at="all"``).
+    hidden: [B, T, d] final-normed hidden states with ``logits_at="none"`` (logits still at last_pos).
     resid_mid, mlp_out: [L, B, T, d] when captured, else None.
     mlp_out_leaves: per layer, the tensors whose ``.grad`` is dM/d mlp_out (gradient runs).
     """
 
     logits: Tensor
+    hidden: Tensor | None = None
     resid_mid: Tensor | None = None
     mlp_out: Tensor | None = None
     mlp_out_leaves: list[Tensor] = field(default_factory=list)
@@ -182,7 +184,31 @@ class RunOutput:
                             for leaf in self.mlp_out_leaves])
 
 
-Patch = Tensor | dict[int, Tensor]
+@dataclass
+class SparsePatch:
+    """Additive patches at a few rows of mlp_out, for many patched variants in one batch.
+
+    rows[l]: [m] indices into the flattened (batch * position) rows of layer l's mlp_out;
+    values[l]: [m, d] what to add there (repeated rows accumulate).
+    """
+
+    rows: dict[int, Tensor] = field(default_factory=dict)
+    values: dict[int, Tensor] = field(default_factory=dict)
+
+    def add(self, layer: int, rows: Tensor, values: Tensor) -> None:
+        if layer in self.rows:
+            rows = torch.cat([self.rows[layer], rows])
+            values = torch.cat([self.values[layer], values])
+        self.rows[layer], self.values[layer] = rows, values
+
+    def apply(self, layer: int, output: Tensor) -> Tensor:
+        if layer not in self.rows:
+            return output
+        flat = output.reshape(-1, output.shape[-1])
+        return flat.index_add(0, self.rows[layer], self.values[layer].to(output.dtype)).view_as(output)
+
+
+Patch = Tensor | dict[int, Tensor] | SparsePatch
 
 
 class ModelAdapter:
@@ -246,13 +272,13 @@ class ModelAdapter:
     def run(self, input_ids: Tensor, attention_mask: Tensor | None = None, *,
             last_pos: Tensor | None = None, patch: Patch | None = None,
             capture: bool = False, linearise: bool = False, grad: GradMode | None = None,
-            logits_at: Literal["last", "all"] = "last",
+            logits_at: Literal["last", "all", "none"] = "last",
             attention: AttentionControl | None = None) -> RunOutput:
         """One forward pass.
 
         input_ids, attention_mask: [B, T], right-padded. last_pos: [B] index of each row's last
         real token (defaults to T-1, or the mask's last 1).
-        patch: added to mlp_out, a tensor [L, B, T, d] or {layer: [B, T, d]}.
+        patch: added to mlp_out: a tensor [L, B, T, d], {layer: [B, T, d]} or a SparsePatch.
         grad: ``"replacement"`` makes every mlp_out a leaf detached from its inputs (a write
         reaches the metric only through the residual stream and attention; downstream MLPs see
         it not at all); ``"full"`` adds a zero leaf so gradients also flow through later MLPs.
@@ -274,7 +300,9 @@ class ModelAdapter:
 
         def out_hook(layer: int):
             def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
-                if patch is not None and (isinstance(patch, Tensor) or layer in patch):
+                if isinstance(patch, SparsePatch):
+                    output = patch.apply(layer, output)
+                elif patch is not None and (isinstance(patch, Tensor) or layer in patch):
                     output = output + patch[layer].to(output.dtype)
                 if grad == "replacement":
                     output = output.detach().requires_grad_(True)
@@ -311,9 +339,13 @@ class ModelAdapter:
             for h in handles:
                 h.remove()
 
-        if logits_at == "last":
-            hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_pos.to(hidden.device)]
-        result = RunOutput(logits=self.unembed(hidden))
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        if logits_at == "none":  # final-normed hidden states; unembed later, in chunks
+            result = RunOutput(logits=self.unembed(hidden[rows, last_pos.to(hidden.device)]), hidden=hidden)
+        elif logits_at == "last":
+            result = RunOutput(logits=self.unembed(hidden[rows, last_pos.to(hidden.device)]))
+        else:
+            result = RunOutput(logits=self.unembed(hidden))
         if capture:
             result.resid_mid = torch.stack([resid[l] for l in range(self.n_layers)])
             result.mlp_out = torch.stack([outs[l] for l in range(self.n_layers)])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +26,8 @@ from backend.settings import Settings
 log = logging.getLogger(__name__)
 
 Report = Callable[[str], None]
+# Names of models placed in models_cache/<name>/model: no separators, so never a path.
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
 def converted_dir(settings: Settings, name: str) -> Path:
@@ -92,6 +95,8 @@ def locate(ref: str, settings: Settings, *, allow_paths: bool = True) -> tuple[s
         if spec.is_demo:
             return ref, converted_dir(settings, ref), "demo"
         return ref, spec.hf_id, "hf-cache"
+    if MODEL_NAME.fullmatch(ref) and _is_model_dir(converted_dir(settings, ref)):
+        return ref, converted_dir(settings, ref), "dir"  # a model someone placed in models_cache
     if not allow_paths:
         get_model_spec(ref)  # raises NotFoundError naming the known models
     path = Path(ref).expanduser()
@@ -146,7 +151,26 @@ def model_listing(settings: Settings) -> list[dict]:
         rows.append({"name": spec.name, "architecture": spec.architecture, "parameters": spec.parameters,
                      "source": spec.source, "status": status, "public_clt": spec.public_clt or "",
                      "description": spec.description})
+    for name in local_model_names(settings):
+        if name not in MODELS:
+            local = converted_dir(settings, name)
+            rows.append({"name": name, "architecture": _architecture_of(local), "parameters": "",
+                         "source": f"models_cache ({local})", "public_clt": "", "description": "local model",
+                         "status": f"ready ({_dir_size(local) / 1e6:.0f} MB in {local})"})
     return rows
+
+
+def local_model_names(settings: Settings) -> list[str]:
+    """Names of the model directories present under models_cache/<name>/model."""
+    root = Path(settings.models_cache)
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if MODEL_NAME.fullmatch(p.name) and _is_model_dir(p / "model"))
+
+
+def _architecture_of(path: Path) -> str:
+    import json
+    return json.loads((path / "config.json").read_text()).get("model_type", "?")
 
 
 def _dir_size(path: Path) -> int:

@@ -1,0 +1,150 @@
+"""The runs every method shares, FAP scores, and exact patching effects.
+
+For a batch of prompts, `Attributor.prepare` does one clean forward + backward (linearised,
+capturing resid_mid and the gradient of M at every mlp_out) and one corrupted forward; from
+them come the feature occurrences, their Delta-writes and FAP scores
+S(f,p) = sum_{t>=l} d_{f,p,t} . dM/d mlp_out_t(p) (DESIGN section 5). The cost is two forwards
+and one backward per batch, whatever the number of features.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from backend.circuits.occurrences import (Occurrences, collect_occurrences, decoder_norms,
+                                          decoder_projection, variant_patch)
+from backend.errors import InvalidParameterError
+from backend.models.adapters import GradMode, ModelAdapter
+from backend.models.transcoder import Transcoder
+from backend.tasks import PromptBatch, metric
+
+Corruption = Literal["corrupted_prompt", "zero"]
+CORRUPTIONS: tuple[str, ...] = ("corrupted_prompt", "zero")
+GRAD_MODES: tuple[str, ...] = ("replacement", "full")
+
+
+@dataclass
+class PromptRuns:
+    """Everything about one batch of prompts that every selection method and budget reuses.
+
+    offset: global index of the batch's first prompt (seeds depend on it, not on batching).
+    occ: the occurrences; fap: S per occurrence [n]; magnitude: |a| * ||W_dec row|| [n].
+    clean_logits: [B, V] last-position logits; clean_metric: [B]; clean_hidden: [B, T, d] final
+    hidden states when the all-token KL is wanted.
+    """
+
+    batch: PromptBatch
+    offset: int
+    occ: Occurrences
+    fap: Tensor
+    magnitude: Tensor
+    clean_logits: Tensor
+    clean_metric: Tensor
+    clean_hidden: Tensor | None
+    m_none: Tensor | None = None  # M with every occurrence removed, once evaluated
+    counters: dict[str, int] = field(default_factory=lambda: {"patched_forwards": 0})
+
+    def __len__(self) -> int:
+        return len(self.batch)
+
+
+def batch_rows(batch: PromptBatch, rows: Tensor) -> PromptBatch:
+    """The batch's rows ``rows`` (repeats allowed), keeping the padded width unchanged."""
+    idx = rows.tolist()
+    return dataclasses.replace(
+        batch, pairs=[batch.pairs[i] for i in idx], clean_ids=batch.clean_ids[rows],
+        corrupted_ids=batch.corrupted_ids[rows], attention_mask=batch.attention_mask[rows],
+        last_pos=batch.last_pos[rows], answer_ids=batch.answer_ids[rows],
+        distractor_ids=batch.distractor_ids[rows])
+
+
+class Attributor:
+    """FAP attribution of CLT feature occurrences for one model, transcoder and corruption."""
+
+    def __init__(self, adapter: ModelAdapter, transcoder: Transcoder,
+                 corruption: Corruption = "corrupted_prompt", grad: GradMode = "replacement",
+                 max_rows: int = 64) -> None:
+        transcoder.check_fits(adapter.n_layers, adapter.d_model, adapter.name)
+        if corruption not in CORRUPTIONS:
+            raise InvalidParameterError(f"unknown corruption '{corruption}'; known: {', '.join(CORRUPTIONS)}")
+        if grad not in GRAD_MODES:
+            raise InvalidParameterError(f"unknown gradient '{grad}'; known: {', '.join(GRAD_MODES)}")
+        self.adapter, self.tc = adapter, transcoder
+        self.corruption, self.grad = corruption, grad
+        self.max_rows = max_rows  # prompt rows per patched forward
+
+    @property
+    def device(self) -> torch.device:
+        return self.adapter.device
+
+    def prepare(self, batch: PromptBatch, offset: int = 0, keep_hidden: bool = False) -> PromptRuns:
+        """Clean forward + backward and corrupted forward; occurrences, FAP and magnitude scores."""
+        batch = batch.to(self.device)
+        ids, mask, last = batch.clean_ids, batch.attention_mask, batch.last_pos
+        clean, grads = self.adapter.mlp_out_gradients(
+            ids, mask, lambda logits: metric(logits, batch), last_pos=last, mode=self.grad, linearise=True)
+        with torch.no_grad():
+            acts_clean = self.tc.encode(clean.resid_mid)                                  # [L, B, T, F]
+            if self.corruption == "zero":
+                acts_corr = torch.zeros_like(acts_clean)
+            else:
+                corr = self.adapter.run(batch.corrupted_ids, mask, last_pos=last, capture=True)
+                acts_corr = self.tc.encode(corr.resid_mid)
+            valid = mask.bool().clone()
+            if batch.has_bos:
+                valid[:, 0] = False  # the BOS attention sink is not part of any circuit
+            occ = collect_occurrences(acts_clean, acts_corr, valid)
+            del acts_clean, acts_corr
+            fap = occ.delta * decoder_projection(self.tc, occ, grads)
+            magnitude = torch.zeros_like(occ.act)
+            for layer in torch.unique(occ.layer).tolist():
+                sel = occ.layer == layer
+                magnitude[sel] = occ.act[sel].abs() * decoder_norms(self.tc, layer, occ.feature[sel])
+            hidden = None
+            if keep_hidden:
+                hidden = self.adapter.run(ids, mask, last_pos=last, logits_at="none").hidden
+        return PromptRuns(batch=batch, offset=offset, occ=occ, fap=fap, magnitude=magnitude,
+                          clean_logits=clean.logits, clean_metric=metric(clean.logits, batch).detach(),
+                          clean_hidden=hidden)
+
+    @torch.no_grad()
+    def removal_metrics(self, runs: PromptRuns, variant_prompt: Tensor, variant: Tensor,
+                        members: Tensor) -> Tensor:
+        """M of clean prompts with sets of occurrences removed, many sets per forward: [V].
+
+        variant_prompt: [V] the prompt (batch row) of each variant; (variant, members): [m] pairs
+        saying which occurrences each variant removes. Variants run max_rows at a time.
+        """
+        out = torch.empty(len(variant_prompt), device=self.device)
+        T = runs.occ.seq_len
+        order = torch.argsort(variant, stable=True)
+        variant, members = variant[order], members[order]
+        bounds = torch.searchsorted(variant, torch.arange(len(variant_prompt) + 1, device=variant.device))
+        for start in range(0, len(variant_prompt), self.max_rows):
+            stop = min(start + self.max_rows, len(variant_prompt))
+            lo, hi = int(bounds[start]), int(bounds[stop])
+            patch = variant_patch(self.tc, runs.occ, variant[lo:hi] - start, members[lo:hi], T)
+            rows = batch_rows(runs.batch, variant_prompt[start:stop])
+            logits = self.adapter.run(rows.clean_ids, rows.attention_mask, last_pos=rows.last_pos,
+                                      patch=patch).logits
+            out[start:stop] = metric(logits, rows)
+            runs.counters["patched_forwards"] += stop - start
+        return out
+
+    def single_effects(self, runs: PromptRuns, members: Tensor) -> Tensor:
+        """effect({o}) = M(x) - M(x without o) for each occurrence id in ``members``: [m]."""
+        variant = torch.arange(len(members), device=members.device)
+        prompts = runs.occ.prompt[members]
+        return runs.clean_metric[prompts] - self.removal_metrics(runs, prompts, variant, members)
+
+    def pair_effects(self, runs: PromptRuns, first: Tensor, second: Tensor) -> Tensor:
+        """effect({b, c}) for pairs of occurrences of the same prompt: [m]."""
+        m = len(first)
+        variant = torch.arange(m, device=first.device).repeat(2)
+        prompts = runs.occ.prompt[first]
+        return runs.clean_metric[prompts] - self.removal_metrics(runs, prompts, variant, torch.cat([first, second]))

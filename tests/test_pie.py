@@ -1,0 +1,190 @@
+"""The PIE engine against ground truth on tiny random models (DESIGN section 5)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from backend.circuits.attribution import Attributor
+from backend.circuits.evaluation import Evaluator
+from backend.circuits.occurrences import delta_write_patch
+from backend.circuits.pipeline import PruneConfig, SweepConfig, run_prune, run_sweep
+from backend.circuits.selection import METHODS, SelectionContext
+from backend.errors import InvalidParameterError, NotFoundError, ShapeMismatchError, UserError
+from backend.models.transcoder import Transcoder, TranscoderConfig
+from backend.tasks import metric
+from tests.frozen import FrozenModel
+from tests.pie_fixtures import pie_setup
+
+FAST_OPTIONS = {"acdc": {"n_tau": 3}, "factp": {}}
+
+
+@pytest.fixture(scope="module")
+def setup():
+    return pie_setup("llama")
+
+
+def _ctx(setup, corruption="corrupted_prompt", budget="global", seed=0):
+    attr = Attributor(setup.adapter, setup.transcoder, corruption)
+    runs = attr.prepare(setup.batch)
+    return SelectionContext(runs, attr, Evaluator(attr), budget, seed)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_keeping_every_occurrence_gives_kl_zero(setup, method):
+    ctx = _ctx(setup)
+    k = int(ctx.occ.counts().max())
+    kept = METHODS[method].select(ctx, k, METHODS[method].options(FAST_OPTIONS.get(method)))
+    assert bool(kept.all())
+    result = ctx.evaluator.evaluate(ctx.runs, [kept], all_token=True, completeness=True)[0]
+    assert float(result.kl_last.max()) < 1e-6
+    assert float(result.kl_all.max()) < 1e-6
+    assert not bool(result.pred_changed.any())
+    torch.testing.assert_close(result.faithfulness, torch.ones_like(result.faithfulness))
+
+
+def test_keeping_none_equals_subtracting_every_delta_write(setup):
+    ctx = _ctx(setup)
+    adapter, tc, batch = setup.adapter, setup.transcoder, setup.batch
+    with torch.no_grad():
+        clean = adapter.run(batch.clean_ids, batch.attention_mask, capture=True)
+        corr = adapter.run(batch.corrupted_ids, batch.attention_mask, capture=True)
+        valid = batch.attention_mask.bool().clone()
+        valid[:, 0] = False  # BOS
+        delta = (tc.encode(clean.resid_mid) - tc.encode(corr.resid_mid)) * valid[None, :, :, None]
+        writes = tc.decode(delta) - tc.b_dec[:, None, None, :]        # sum of every Delta-write
+        by_hand = adapter.run(batch.clean_ids, batch.attention_mask, patch=-writes).logits
+    none = torch.zeros(len(ctx.occ), dtype=torch.bool)
+    result = ctx.evaluator.evaluate(ctx.runs, [none])[0]
+    torch.testing.assert_close(result.m_circuit, metric(by_hand, batch), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ctx.evaluator.m_none(ctx.runs), metric(by_hand, batch), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "gemma2", "llama", "gpt2"])
+def test_fap_equals_exact_patching_when_first_order_is_exact(arch):
+    """In the linearised replacement model (patterns, norm scales and MLP outputs frozen) with a
+    metric linear in the logits, removing an occurrence changes M by exactly its FAP score."""
+    s = pie_setup(arch)
+    s.adapter.softcap = None  # Gemma-2's final logit softcap would make the metric nonlinear
+    attr = Attributor(s.adapter, s.transcoder)
+    runs = attr.prepare(s.batch)
+    occ = runs.occ
+    frozen = FrozenModel(s.adapter, runs.batch.clean_ids, runs.batch.attention_mask)
+    with torch.no_grad():
+        base = metric(frozen.run().logits, runs.batch)
+        torch.testing.assert_close(base, runs.clean_metric, rtol=1e-4, atol=1e-4)
+        ids = torch.randperm(len(occ), generator=torch.Generator().manual_seed(0))[:25]
+        for i in ids.tolist():
+            one = torch.zeros(len(occ), dtype=torch.bool)
+            one[i] = True
+            patched = metric(frozen.run(delta_write_patch(s.transcoder, occ, one)).logits, runs.batch)
+            b = int(occ.prompt[i])
+            exact = float(base[b] - patched[b])
+            assert exact == pytest.approx(float(runs.fap[i]), rel=1e-3, abs=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_fap_correlates_with_exact_patching_in_the_real_model(arch):
+    s = pie_setup(arch, n_prompts=3)
+    ctx = _ctx(s)
+    ids = torch.arange(len(ctx.occ))
+    exact = ctx.single_effects(ids)
+    fap = ctx.runs.fap
+    corr = torch.corrcoef(torch.stack([fap, exact]))[0, 1]
+    assert corr > 0.9, corr
+
+
+@pytest.mark.parametrize("budget", ["global", "per_layer"])
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_method_keeps_exactly_k_per_prompt(setup, method, budget):
+    strategy = METHODS[method]
+    if budget not in strategy.budgets:
+        pytest.skip(f"{method} has no {budget} budget")
+    ctx = _ctx(setup, budget=budget)
+    counts = ctx.occ.counts()
+    options = strategy.options(FAST_OPTIONS.get(method))
+    for k in (1, 7, 20, int(counts.max()) + 5):
+        kept = strategy.select(ctx, k, options)
+        per_prompt = torch.bincount(ctx.occ.prompt[kept], minlength=len(counts))
+        assert torch.equal(per_prompt, torch.clamp(counts, max=k)), (method, k)
+
+
+def test_zero_corruption_occurrences_are_the_clean_active_features(setup):
+    ctx = _ctx(setup, corruption="zero")
+    assert torch.equal(ctx.occ.delta, ctx.occ.act)
+    assert bool((ctx.occ.act > 0).all())
+
+
+def test_sweep_is_reproducible_and_independent_of_batch_size(setup):
+    config = dict(methods=["fap", "fap-synergy", "random", "activation-magnitude"], ks=[3, 10],
+                  random_seeds=2, options={"fap-synergy": {"bp": 50}})
+    kw = dict(model_name="tiny", transcoder_name="tiny-clt", task_name="ioi")
+    a = run_sweep(setup.adapter, setup.transcoder, setup.batch, SweepConfig(batch_size=2, **config), **kw)
+    b = run_sweep(setup.adapter, setup.transcoder, setup.batch, SweepConfig(batch_size=3, **config), **kw)
+    c = run_sweep(setup.adapter, setup.transcoder, setup.batch, SweepConfig(batch_size=2, **config), **kw)
+    for method in config["methods"]:
+        for k in ("3", "10"):
+            assert a.per_prompt_kl[method][k] == c.per_prompt_kl[method][k]
+            assert a.per_prompt_kl[method][k] == pytest.approx(b.per_prompt_kl[method][k], rel=1e-4, abs=1e-6)
+    assert [r.k for r in a.random_curve] == [r.k for r in b.random_curve]
+    row = a.to_json()["rows"][0]
+    for key in ("method", "k", "kl_mean", "kl_std", "kl_ci95", "pred_change_rate", "faithfulness_mean",
+                "n_prompts", "seconds"):
+        assert key in row
+    assert set(a.effective_compression) == set(config["methods"])
+    # More budget never hurts much on average: the last random-curve point keeps everything.
+    assert a.random_curve[-1].kl_mean < 1e-6
+
+
+def test_prune_writes_kept_occurrences_and_aggregated_features(setup):
+    circuit = run_prune(setup.adapter, setup.transcoder, setup.batch, PruneConfig(method="fap", k=5),
+                        model_name="tiny", transcoder_name="tiny-clt", task_name="ioi")
+    assert len(circuit.prompts) == len(setup.batch)
+    for p in circuit.prompts:
+        assert len(p.kept) == min(5, p.n_active)
+        scores = [abs(o.score) for o in p.kept]
+        assert scores == sorted(scores, reverse=True)
+        assert p.completeness is not None and p.kl_all is not None
+    total = sum(f.n_prompts for f in circuit.features)
+    assert total == len({(p.index, o.layer, o.feature) for p in circuit.prompts for o in p.kept})
+    again = type(circuit).from_json(circuit.to_json())
+    assert again == circuit
+
+
+def test_fap_beats_random_on_average(setup):
+    result = run_sweep(setup.adapter, setup.transcoder, setup.batch,
+                       SweepConfig(methods=["fap", "random"], ks=[5, 10], random_seeds=3, random_curve=False),
+                       model_name="tiny", transcoder_name="tiny-clt", task_name="ioi")
+    by = {(r.method, r.k): r.kl_mean for r in result.rows}
+    assert by[("fap", 5)] < by[("random", 5)] and by[("fap", 10)] < by[("random", 10)]
+
+
+@pytest.mark.parametrize("change, error, needle", [
+    (dict(k=0), InvalidParameterError, "K must be"),
+    (dict(k=-3), InvalidParameterError, "K must be"),
+    (dict(method="nope"), NotFoundError, "unknown method 'nope'"),
+    (dict(method="fap-synergy", budget="per_layer"), InvalidParameterError, "supports budget"),
+    (dict(options={"bogus": 1}), InvalidParameterError, "no option"),
+    (dict(corruption="sideways"), InvalidParameterError, "unknown corruption"),
+])
+def test_bad_prune_parameters_are_clear_errors(setup, change, error, needle):
+    config = PruneConfig(**{**dict(method="fap", k=5), **change})
+    with pytest.raises(error, match=needle):
+        run_prune(setup.adapter, setup.transcoder, setup.batch, config,
+                  model_name="tiny", transcoder_name="tiny-clt", task_name="ioi")
+
+
+def test_a_transcoder_that_does_not_fit_is_a_clear_error(setup):
+    wrong = Transcoder.random(TranscoderConfig("clt", 3, 16, 8, "relu"))
+    with pytest.raises(ShapeMismatchError, match="16.*32|32.*16"):
+        run_prune(setup.adapter, wrong, setup.batch, PruneConfig(method="fap", k=5),
+                  model_name="tiny", transcoder_name="wrong", task_name="ioi")
+
+
+def test_a_task_with_no_usable_prompts_is_a_clear_error(setup, tmp_path):
+    from backend.tasks import get_task
+    path = tmp_path / "pairs.jsonl"
+    path.write_text('{"text_clean": "Mary and John", "text_corr": "Mary and John went", '
+                    '"io_clean": "Mary", "s_clean": "John"}\n')
+    with pytest.raises(UserError, match="dropped"):
+        get_task("jsonl", path=str(path)).build(setup.adapter.tokenizer, 1)
