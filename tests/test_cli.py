@@ -53,3 +53,60 @@ def test_malformed_jsonl_names_the_line(capsys, tmp_path):
 def test_a_directory_that_is_not_a_model_is_rejected(capsys, tmp_path):
     code, _, err = run(capsys, "tasks", "ioi", "--model", str(tmp_path))
     assert code == 2 and "config.json" in err
+
+
+# prune and sweep on a tiny model reachable by name -------------------------------------------
+from tests.api_fixtures import TINY_CLT, TINY_MODEL, tiny_cache  # noqa: E402,F401  (fixture)
+
+
+@pytest.fixture
+def cache_env(tiny_cache, monkeypatch, tmp_path):
+    monkeypatch.setenv("PIESCOPE_MODELS_CACHE", str(tiny_cache))
+    monkeypatch.setenv("PIESCOPE_DATA_DIR", str(tmp_path / "data"))
+    return tiny_cache
+
+
+def test_prune_writes_a_circuit(capsys, cache_env, tmp_path):
+    import json
+    out = tmp_path / "circuit.json"
+    code, stdout, _ = run(capsys, "prune", "--model", TINY_MODEL, "--transcoder", TINY_CLT, "--task", "ioi",
+                          "-n", "4", "--method", "fap", "--k", "5", "--out", str(out))
+    assert code == 0 and "KL" in stdout
+    data = json.loads(out.read_text())
+    assert data["method"] == "fap" and data["k"] == 5 and len(data["prompts"]) == 4
+    assert all(len(p["kept"]) == min(5, p["n_active"]) for p in data["prompts"])
+    assert {"layer", "feature", "position", "score"} <= set(data["prompts"][0]["kept"][0])
+    assert data["features"][0]["n_prompts"] >= data["features"][-1]["n_prompts"]
+
+
+def test_sweep_writes_rows_and_a_plot(capsys, cache_env, tmp_path):
+    import json
+    out, png = tmp_path / "sweep.json", tmp_path / "kl.png"
+    code, stdout, _ = run(capsys, "sweep", "--model", TINY_MODEL, "--transcoder", TINY_CLT, "--task", "ioi",
+                          "-n", "4", "--methods", "fap,random", "--ks", "2,5", "--out", str(out),
+                          "--plot", str(png))
+    assert code == 0
+    data = json.loads(out.read_text())
+    assert [(r["method"], r["k"]) for r in data["rows"]] == [("fap", 2), ("fap", 5), ("random", 2), ("random", 5)]
+    assert set(data["effective_compression"]) == {"fap", "random"}
+    assert png.stat().st_size > 1000
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (("--method", "fap", "--k", "0"), "K must be"),
+    (("--method", "nope", "--k", "5"), "unknown method 'nope'"),
+    (("--method", "fap", "--k", "5", "--options", "{oops"), "--options"),
+])
+def test_bad_prune_input_is_one_line(capsys, cache_env, argv, needle):
+    code, _, err = run(capsys, "prune", "--model", TINY_MODEL, "--transcoder", TINY_CLT, "--task", "ioi",
+                       "-n", "2", *argv)
+    assert code == 2 and needle in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_transcoder_for_another_model_is_one_line(capsys, cache_env, tmp_path):
+    from backend.models.transcoder import Transcoder, TranscoderConfig
+    from backend.models.transcoder_files import save_transcoder
+    save_transcoder(Transcoder.random(TranscoderConfig("clt", 2, 32, 8, "relu")), tmp_path / "wrong")
+    code, _, err = run(capsys, "prune", "--model", TINY_MODEL, "--transcoder", str(tmp_path / "wrong"),
+                       "--task", "ioi", "-n", "2", "--method", "fap", "--k", "3")
+    assert code == 2 and "2" in err and "3" in err and "layer" in err
