@@ -188,3 +188,37 @@ def test_a_task_with_no_usable_prompts_is_a_clear_error(setup, tmp_path):
                     '"io_clean": "Mary", "s_clean": "John"}\n')
     with pytest.raises(UserError, match="dropped"):
         get_task("jsonl", path=str(path)).build(setup.adapter.tokenizer, 1)
+
+
+def test_synergy_rewards_a_pair_that_acts_together(setup):
+    """Find, by exact pair patching, a boundary occurrence c whose removal together with the top
+    occurrence b costs more than the two removals apart (Syn(b, c) > 0, both singles > 0). With b
+    as the only partner and the budget K = rank(c), FAP (top-K by |S|) drops c; FAP-Synergy's
+    synergy term must bring it back, and its synergy must equal the effects' arithmetic."""
+    ctx = _ctx(setup)
+    occ, score = ctx.occ, ctx.runs.fap.abs()
+    found = None
+    for prompt in range(occ.n_prompts):
+        ids = torch.nonzero(occ.prompt == prompt, as_tuple=True)[0]
+        order = ids[torch.argsort(score[ids], descending=True, stable=True)]
+        b, rest = order[0], order[3:30]
+        singles = ctx.single_effects(torch.cat([b[None], rest]))
+        pairs = ctx.attributor.pair_effects(ctx.runs, b.repeat(len(rest)), rest)
+        syn = pairs - singles[0] - singles[1:]
+        counted = (singles[0] > 0) & (singles[1:] > 0) & (syn > 0)
+        if counted.any():
+            best = int(torch.argmax(torch.where(counted, syn, torch.tensor(float("-inf")))))
+            found = prompt, b, rest, singles, best
+            break
+    assert found is not None, "no positively synergistic pair in the tiny model"
+    prompt, b, rest, singles, best = found
+    c, k = rest[best], 3 + best
+    fap_kept = METHODS["fap"].select(ctx, k, {})
+    assert not bool(fap_kept[c])
+    options = METHODS["fap-synergy"].options({"lam": 1e6, "bp": 100, "partners": 1, "samples": 1})
+    syn_kept = METHODS["fap-synergy"].select(ctx, k, options)
+    assert bool(syn_kept[c]) and bool(syn_kept[b])
+    assert int(syn_kept[occ.prompt == prompt].sum()) == k
+    # The cached effects are the same exact numbers the test computed.
+    cache = ctx.cache["single"]
+    torch.testing.assert_close(cache[c], singles[1 + best])
