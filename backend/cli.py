@@ -226,6 +226,12 @@ def _finite(value):
     return value
 
 
+@command("serve")
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> None:
+    from backend.api.app import serve
+    serve(settings, host=args.host, port=args.port)
+
+
 @command("demo")
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> None:
     from backend.demo import run_demo
@@ -285,6 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--random-seeds", type=int, default=3)
     p.add_argument("--no-random-curve", action="store_true", help="skip the random-from-active curve")
     p.add_argument("--plot", help="write the KL-vs-K plot (PNG) here")
+
+    p = sub.add_parser("serve", help="run the worker's HTTP API (OpenAPI docs at /docs)")
+    p.add_argument("--host", help="address to bind (default PIESCOPE_API_HOST, 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default PIESCOPE_API_PORT, 8000)")
 
     p = sub.add_parser("demo", help="prepare the Gemma-3-270M demo and show its IOI behaviour")
     p.add_argument("-n", type=int, default=20, help="IOI prompts to show")

@@ -1,0 +1,1 @@
+"""One router per resource: meta (listings), jobs, circuits, sweeps, features (+ interpretation)."""

@@ -1,0 +1,45 @@
+"""Listings the dashboard builds its forms from: models, tasks, methods, transcoders."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends
+
+from backend.api.deps import get_settings
+from backend.settings import Settings
+
+router = APIRouter(prefix="/api", tags=["meta"])
+
+
+@router.get("/health")
+def health() -> dict[str, str]:
+    """Liveness: answers without touching models or the database."""
+    return {"status": "ok"}
+
+
+@router.get("/models")
+def models(settings: Settings = Depends(get_settings)) -> list[dict[str, Any]]:
+    """Registry models and models placed in models_cache (`model_listing`)."""
+    from backend.models.loading import model_listing
+    return model_listing(settings)
+
+
+@router.get("/tasks")
+def tasks() -> list[dict[str, str]]:
+    from backend.tasks import list_tasks
+    return list_tasks()
+
+
+@router.get("/methods")
+def methods() -> list[dict[str, Any]]:
+    """The selection-method registry: name, description, options."""
+    from backend.jobs import list_methods
+    return list_methods()
+
+
+@router.get("/transcoders")
+def transcoders(settings: Settings = Depends(get_settings)) -> list[dict[str, Any]]:
+    """Transcoders named `<model>/<dir>` under models_cache, with their summaries."""
+    from backend.models.transcoder_registry import list_transcoders
+    return list_transcoders(settings)

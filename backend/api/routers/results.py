@@ -1,0 +1,88 @@
+"""Stored results: circuits (with their graphs) and sweeps."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Query
+from sqlalchemy.orm import Session
+
+from backend.api.deps import get_session
+from backend.api.schemas import CircuitDetail, CircuitSummary, Page, SweepDetail, SweepSummary
+from backend.store import queries
+from backend.store.tables import Circuit, Sweep
+
+router = APIRouter(prefix="/api", tags=["results"])
+
+
+def _circuit_fields(row: Circuit) -> dict:
+    return dict(id=row.id, model=row.model.name, transcoder=row.transcoder.name, task=row.task, method=row.method,
+                k=row.k, budget=row.budget, corruption=row.corruption, n_prompts=row.n_prompts,
+                kl_mean=row.kl_mean, kl_std=row.kl_std, kl_ci95=(row.kl_ci_low, row.kl_ci_high),
+                pred_change_rate=row.pred_change_rate, faithfulness_mean=row.faithfulness_mean,
+                completeness_mean=row.completeness_mean, seconds=row.seconds,
+                graph_keys=list(row.graph_keys), created_at=row.created_at)
+
+
+def _sweep_fields(row: Sweep) -> dict:
+    return dict(id=row.id, model=row.model.name, transcoder=row.transcoder.name, task=row.task,
+                corruption=row.corruption, methods=row.methods, ks=row.ks, n_prompts=row.n_prompts,
+                kl_none_mean=row.kl_none_mean, n_active_mean=row.n_active_mean, seconds=row.seconds,
+                created_at=row.created_at)
+
+
+@router.get("/circuits", response_model=Page[CircuitSummary])
+def list_circuits(model: str | None = None, transcoder: str | None = None, task: str | None = None,
+                  method: str | None = None, k: int | None = Query(None, ge=1),
+                  limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0),
+                  session: Session = Depends(get_session)) -> Page[CircuitSummary]:
+    """Circuits filtered by model, transcoder, task, method and K; newest first."""
+    rows, total = queries.list_circuits(session, model=model, transcoder=transcoder, task=task, method=method,
+                                        k=k, limit=limit, offset=offset)
+    return Page[CircuitSummary](items=[CircuitSummary(**_circuit_fields(r)) for r in rows], total=total,
+                                limit=limit, offset=offset)
+
+
+@router.get("/circuits/{circuit_id}", response_model=CircuitDetail)
+def get_circuit(circuit_id: int, session: Session = Depends(get_session)) -> CircuitDetail:
+    """Kept occurrences per prompt, aggregated features, metrics, and the graphs once computed."""
+    row = queries.get_circuit(session, circuit_id)
+    return CircuitDetail(**_circuit_fields(row), dataset_id=row.dataset_id, options=row.options,
+                         prompts=row.prompts, features=row.features, cost=row.cost, graphs=row.graphs or {})
+
+
+@router.get("/sweeps", response_model=Page[SweepSummary])
+def list_sweeps(model: str | None = None, task: str | None = None, limit: int = Query(50, ge=1, le=500),
+                offset: int = Query(0, ge=0), session: Session = Depends(get_session)) -> Page[SweepSummary]:
+    rows, total = queries.list_sweeps(session, model=model, task=task, limit=limit, offset=offset)
+    return Page[SweepSummary](items=[SweepSummary(**_sweep_fields(r)) for r in rows], total=total,
+                              limit=limit, offset=offset)
+
+
+@router.get("/sweeps/{sweep_id}", response_model=SweepDetail)
+def get_sweep(sweep_id: int, session: Session = Depends(get_session)) -> SweepDetail:
+    """The full SweepResult JSON of a stored sweep."""
+    row = queries.get_sweep(session, sweep_id)
+    return SweepDetail(**_sweep_fields(row), dataset_id=row.dataset_id, result=row.result)
+
+
+@router.get("/circuits/{circuit_id}/graphs/{key}/neuronpedia")
+def export_graph(circuit_id: int, key: str, prompt: int | None = Query(None, ge=0),
+                 session: Session = Depends(get_session)) -> dict:
+    """One prompt's attribution graph as circuit-tracer / Neuronpedia graph JSON."""
+    from backend.circuits.graph import to_neuronpedia
+    from backend.errors import NotFoundError
+    row = queries.get_circuit(session, circuit_id)
+    stored = (row.graphs or {}).get(key)
+    if stored is None:
+        raise NotFoundError(f"circuit {circuit_id} has no graph '{key}'; computed: {', '.join(row.graph_keys) or 'none'}")
+    graphs = {g["prompt"]: g for g in stored["graphs"]}
+    index = prompt if prompt is not None else next(iter(graphs))
+    if index not in graphs:
+        raise NotFoundError(f"graph '{key}' of circuit {circuit_id} has no prompt {index}; it has {sorted(graphs)}")
+    text = next((p["clean"] for p in row.prompts if p["index"] == index), "")
+    return to_neuronpedia(graphs[index], slug=f"piescope-circuit-{circuit_id}-prompt-{index}",
+                          scan=row.transcoder.name, prompt=text, n_layers=_n_layers(graphs[index]))
+
+
+def _n_layers(graph: dict) -> int:
+    """Layers of the model, read off the logit node (which sits at layer n_layers + 1)."""
+    return next(n["layer"] for n in graph["nodes"] if n["kind"] == "logit") - 1

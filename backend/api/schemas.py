@@ -1,0 +1,242 @@
+"""Pydantic schemas of the HTTP API (separate from the ORM tables in backend.store.tables).
+
+Job parameter schemas are those of `backend.jobs` (shared with the CLI), so the API and the CLI
+validate, normalise and hash requests the same way. Text fields are stored as given: the
+dashboard escapes them when it renders.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from backend.jobs import GraphParams, PruneParams, SweepParams
+
+T = TypeVar("T")
+MAX_TEXT = 20_000
+MAX_SHORT = 200
+
+
+class Page(BaseModel, Generic[T]):
+    """One page of a listing: items plus the total count under the same filters."""
+
+    items: list[T]
+    total: int
+    limit: int
+    offset: int
+
+
+# ------------------------------------------------------------------------------ jobs
+
+class PruneJobCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["prune"]
+    params: PruneParams
+
+
+class SweepJobCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["sweep"]
+    params: SweepParams
+
+
+class GraphJobCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["graph"]
+    params: GraphParams
+
+
+JobCreate = Annotated[PruneJobCreate | SweepJobCreate | GraphJobCreate, Field(discriminator="kind")]
+
+
+class JobOut(BaseModel):
+    """A job's state; `links` point at its result once done (circuit, sweep)."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    kind: str
+    params: dict[str, Any]
+    status: Literal["queued", "running", "done", "failed", "cancelled"]
+    progress: float
+    message: str
+    error: str | None
+    device: str
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    circuit_id: int | None
+    sweep_id: int | None
+    reused: bool = Field(False, description="served from the store or an identical job already queued/running")
+    links: dict[str, str] = Field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------ circuits, sweeps
+
+class CircuitSummary(BaseModel):
+    id: int
+    model: str
+    transcoder: str
+    task: str
+    method: str
+    k: int
+    budget: str
+    corruption: str
+    n_prompts: int
+    kl_mean: float
+    kl_std: float
+    kl_ci95: tuple[float, float]
+    pred_change_rate: float
+    faithfulness_mean: float
+    completeness_mean: float | None
+    seconds: float
+    graph_keys: list[str] = Field(description="computed attribution graphs: 'all' and/or prompt indices")
+    created_at: datetime
+
+
+class CircuitDetail(CircuitSummary):
+    """A circuit with its per-prompt kept occurrences, aggregated features and graphs."""
+
+    dataset_id: int | None
+    options: dict[str, Any]
+    prompts: list[dict[str, Any]]
+    features: list[dict[str, Any]]
+    cost: dict[str, Any]
+    graphs: dict[str, Any] = Field(default_factory=dict,
+                                   description="'all' | prompt index -> circuit-tracer graph JSON")
+
+
+class SweepSummary(BaseModel):
+    id: int
+    model: str
+    transcoder: str
+    task: str
+    corruption: str
+    methods: list[str]
+    ks: list[int]
+    n_prompts: int
+    kl_none_mean: float
+    n_active_mean: float
+    seconds: float
+    created_at: datetime
+
+
+class SweepDetail(SweepSummary):
+    """A sweep with the full SweepResult JSON (`backend.circuits.results.SweepResult.to_json`)."""
+
+    dataset_id: int | None
+    result: dict[str, Any]
+
+
+# ------------------------------------------------------------------------------ features, interpretation
+
+class ExampleOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+    rank: int
+    tokens: list[Any]
+    activations: list[float]
+    max_activation: float
+    source: str
+
+
+class ScoreOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+    id: int
+    explanation_id: int
+    metric: str
+    value: float
+    rater: str
+    created_at: datetime
+
+
+class ScoreCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    metric: str = Field(min_length=1, max_length=50)
+    value: float
+    rater: str = Field("", max_length=MAX_SHORT)
+
+
+class ExplanationOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True, protected_namespaces=())
+    id: int
+    feature_id: int
+    text: str
+    source: Literal["llm", "offline", "human"]
+    author: str
+    model: str | None
+    revision: int
+    created_at: datetime
+    updated_at: datetime
+
+
+class RevisionOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True, protected_namespaces=())
+    revision: int
+    text: str
+    source: str
+    author: str
+    model: str | None
+    created_at: datetime
+
+
+class ExplanationCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    text: str = Field(min_length=1, max_length=MAX_TEXT)
+    source: Literal["llm", "offline", "human"] = "human"
+    author: str = Field("", max_length=MAX_SHORT)
+    model: str | None = Field(None, max_length=MAX_SHORT, description="the LLM that wrote it, if any")
+
+
+class ExplanationUpdate(BaseModel):
+    """An edit: given fields replace the current ones; the old version stays in the history."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    text: str | None = Field(None, min_length=1, max_length=MAX_TEXT)
+    source: Literal["llm", "offline", "human"] | None = None
+    author: str | None = Field(None, max_length=MAX_SHORT)
+    model: str | None = Field(None, max_length=MAX_SHORT)
+
+
+class AnnotationOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+    id: int
+    explanation_id: int | None
+    feature_id: int | None
+    rating: int | None
+    label: str | None
+    comment: str | None
+    author: str
+    created_at: datetime
+
+
+class AnnotationCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    rating: Literal[0, 1, 2] | None = None
+    label: str | None = Field(None, max_length=MAX_SHORT)
+    comment: str | None = Field(None, max_length=MAX_TEXT)
+    author: str = Field("", max_length=MAX_SHORT)
+
+
+class AnnotationUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    rating: Literal[0, 1, 2] | None = None
+    label: str | None = Field(None, max_length=MAX_SHORT)
+    comment: str | None = Field(None, max_length=MAX_TEXT)
+
+
+class FeatureOut(BaseModel):
+    id: int
+    model: str
+    transcoder: str
+    layer: int
+    index: int
+    statistics: dict[str, Any]
+
+
+class FeatureDetail(FeatureOut):
+    """A feature with its top examples and explanations."""
+
+    examples: list[ExampleOut]
+    explanations: list[ExplanationOut]

@@ -1,0 +1,322 @@
+"""The job functions: what `prune`, `sweep` and `graph` compute, for the CLI and the API alike.
+
+Each kind has a pydantic params model (validated, defaults filled in, then hashed: identical
+params map to one stored result) and a function `run_<kind>(context, params, progress)` that
+loads the model and transcoder by name, builds the task's prompts and calls the PIE engine
+(`backend.circuits.pipeline`, `backend.circuits.graph`). Storing results is the caller's job
+(`backend.api.jobs` stores them through `backend.store.queries`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from backend.errors import InvalidParameterError, NotFoundError, UserError
+from backend.settings import Settings
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[float, str], None]
+
+# Ranges accepted from clients (the CLI shares them). A request outside -> 422.
+MAX_N = 1000
+MAX_K = 100_000
+MAX_KS = 50
+MAX_METHODS = 20
+MAX_BATCH_SIZE = 256
+MAX_RANDOM_SEEDS = 20
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
+TRANSCODER_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}/[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
+OptionValue = str | int | float | bool | None
+
+
+def _no_path_options(options: dict[str, Any]) -> dict[str, Any]:
+    """Task options are scalars; a file path option (the jsonl task's `path`) is CLI-only."""
+    if "path" in options:
+        raise ValueError("task option 'path' (a file on the server) is not accepted here; "
+                         "use the CLI for the jsonl task")
+    return options
+
+
+class DatasetParams(BaseModel):
+    """Which prompts: model (its tokenizer decides which pairs fit), task, options, n, seed."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: str = Field(pattern=NAME_PATTERN, description="model name (GET /api/models); never a path")
+    transcoder: str = Field(pattern=TRANSCODER_PATTERN, description="<model>/<dir> (GET /api/transcoders)")
+    task: str = Field(pattern=NAME_PATTERN, description="task name (GET /api/tasks)")
+    task_options: dict[str, OptionValue] = Field(default_factory=dict)
+    n: int = Field(32, ge=1, le=MAX_N, description="number of prompt pairs")
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+
+    @field_validator("task_options")
+    @classmethod
+    def _check_task_options(cls, options: dict[str, Any]) -> dict[str, Any]:
+        return _no_path_options(options)
+
+    def dataset_key(self) -> dict[str, Any]:
+        """What identifies the prompts (for the datasets table)."""
+        return {"model": self.model, "task": self.task, "task_options": self.task_options,
+                "n": self.n, "seed": self.seed}
+
+
+class PruneParams(DatasetParams):
+    """One circuit: keep K occurrences per prompt chosen by `method` (DESIGN 5)."""
+
+    method: str = Field(pattern=NAME_PATTERN, description="selection method (GET /api/methods)")
+    k: int = Field(ge=1, le=MAX_K)
+    budget: str = Field("global", pattern=NAME_PATTERN)
+    corruption: str = Field("corrupted_prompt", pattern=NAME_PATTERN)
+    grad: Literal["replacement", "full"] = "replacement"
+    options: dict[str, OptionValue] = Field(default_factory=dict)
+    batch_size: int = Field(16, ge=1, le=MAX_BATCH_SIZE)
+    all_token_kl: bool = True
+    completeness: bool = True
+
+
+class SweepParams(DatasetParams):
+    """KL-vs-K of several methods on the same prompts."""
+
+    methods: list[str] = Field(min_length=1, max_length=MAX_METHODS)
+    ks: list[int] = Field(min_length=1, max_length=MAX_KS)
+    budget: str = Field("global", pattern=NAME_PATTERN)
+    corruption: str = Field("corrupted_prompt", pattern=NAME_PATTERN)
+    grad: Literal["replacement", "full"] = "replacement"
+    options: dict[str, dict[str, OptionValue]] = Field(default_factory=dict, description="per method")
+    random_seeds: int = Field(3, ge=1, le=MAX_RANDOM_SEEDS)
+    random_curve: bool = True
+    batch_size: int = Field(16, ge=1, le=MAX_BATCH_SIZE)
+    all_token_kl: bool = False
+
+    @field_validator("methods")
+    @classmethod
+    def _dedupe_methods(cls, methods: list[str]) -> list[str]:
+        for m in methods:
+            if not re.fullmatch(NAME_PATTERN, m):
+                raise ValueError(f"method {m!r} is not a method name")
+        return list(dict.fromkeys(methods))
+
+    @field_validator("ks")
+    @classmethod
+    def _sorted_ks(cls, ks: list[int]) -> list[int]:
+        for k in ks:
+            if not 1 <= k <= MAX_K:
+                raise ValueError(f"every K must be in 1..{MAX_K}, got {k}")
+        return sorted(set(ks))
+
+
+class GraphParams(BaseModel):
+    """The attribution graph of a stored circuit, on one prompt or (None) on all of them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    circuit_id: int = Field(ge=1)
+    prompt: int | None = Field(None, ge=0, le=MAX_N)
+
+
+PARAMS: dict[str, type[BaseModel]] = {"prune": PruneParams, "sweep": SweepParams, "graph": GraphParams}
+
+
+def params_hash(kind: str, params: BaseModel) -> str:
+    """sha256 of the canonical JSON of (kind, normalised params): identical requests, one hash."""
+    canonical = json.dumps({"kind": kind, "params": params.model_dump(mode="json")},
+                           sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+class EngineUnavailableError(UserError):
+    """A part of the PIE engine this request needs is not installed in this checkout."""
+
+    http_status = 503
+
+
+def list_methods() -> list[dict[str, Any]]:
+    """The one registry of selection methods (name, description, options)."""
+    try:
+        from backend.circuits.selection import list_methods as registry
+    except ImportError as err:
+        raise EngineUnavailableError(f"the selection-method registry is not available: {err}") from None
+    return list(registry())
+
+
+def _method_options(name: str, budget: str, options: dict[str, Any] | None) -> dict[str, Any]:
+    """The method's options with its defaults filled in; unknown method/budget/option -> error."""
+    try:
+        from backend.circuits.selection import BUDGETS, get_method
+    except ImportError as err:
+        raise EngineUnavailableError(f"the selection-method registry is not available: {err}") from None
+    method = get_method(name)
+    if budget not in BUDGETS:
+        raise InvalidParameterError(f"unknown budget '{budget}'; known budgets: {', '.join(BUDGETS)}")
+    if budget not in method.budgets:
+        raise InvalidParameterError(f"method '{name}' supports budget(s) {', '.join(method.budgets)}, "
+                                    f"not '{budget}'")
+    return method.options(options)
+
+
+def normalise(params: BaseModel) -> BaseModel:
+    """Fill in the methods' default options so that equal requests hash equal.
+
+    Unknown method -> NotFoundError (404); unknown budget or option -> InvalidParameterError (422).
+    """
+    if isinstance(params, PruneParams):
+        return params.model_copy(update={"options": _method_options(params.method, params.budget, params.options)})
+    if isinstance(params, SweepParams):
+        extra = set(params.options) - set(params.methods)
+        if extra:
+            raise InvalidParameterError(f"options given for method(s) not in the sweep: {', '.join(sorted(extra))}")
+        options = {m: _method_options(m, params.budget, params.options.get(m)) for m in params.methods}
+        return params.model_copy(update={"options": options})
+    return params
+
+
+def check_names(settings: Settings, params: BaseModel) -> None:
+    """Cheap existence checks before queueing: model, transcoder (and that it is the model's), task.
+
+    NotFoundError (404) for an unknown name, InvalidParameterError (422) for a mismatch or a bad
+    task option. Nothing is loaded; no path from the request is ever opened.
+    """
+    if not isinstance(params, DatasetParams):
+        return
+    from backend.models.loading import locate
+    from backend.models.transcoder_registry import resolve_transcoder
+    from backend.tasks import get_task
+    locate(params.model, settings, allow_paths=False)
+    resolve_transcoder(params.transcoder, settings, allow_paths=False)
+    owner = params.transcoder.split("/", 1)[0]
+    if owner != params.model:
+        raise InvalidParameterError(f"transcoder '{params.transcoder}' belongs to model '{owner}', "
+                                    f"not '{params.model}'")
+    get_task(params.task, **params.task_options)
+
+
+class LRU:
+    """A small thread-safe least-recently-used cache: name -> loaded object."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._items: OrderedDict[str, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: str, load: Callable[[], Any]) -> Any:
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        value = load()  # outside the lock: loading a model takes seconds
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+        return value
+
+
+@dataclass
+class JobContext:
+    """Settings plus the in-process caches of loaded models and transcoders (by name)."""
+
+    settings: Settings
+    models: LRU = field(default_factory=lambda: LRU(2))
+    transcoders: LRU = field(default_factory=lambda: LRU(2))
+
+    def adapter(self, name: str):
+        from backend.models.loading import load_model
+        return self.models.get(name, lambda: load_model(name, self.settings, allow_paths=False))
+
+    def transcoder(self, name: str):
+        from backend.models.transcoder_files import load_transcoder
+        from backend.models.transcoder_registry import resolve_transcoder
+        tc_name, path = resolve_transcoder(name, self.settings, allow_paths=False)
+        return self.transcoders.get(tc_name, lambda: load_transcoder(path, device=self.settings.device))
+
+
+@dataclass
+class JobOutput:
+    """A job's result and the prompt pairs it ran on (for the datasets table)."""
+
+    result: Any
+    pairs: list[dict[str, Any]]
+
+
+def _pairs_json(batch) -> list[dict[str, Any]]:
+    return [{"clean": p.clean, "corrupted": p.corrupted, "answer": p.answer,
+             "distractors": list(p.distractors)} for p in batch.pairs]
+
+
+def prepare(context: JobContext, params: DatasetParams, progress: Progress | None = None):
+    """(adapter, transcoder, batch) for the dataset part of `params`."""
+    from backend.tasks import get_task
+    say = progress or (lambda f, m: None)
+    say(0.0, f"loading model {params.model}")
+    adapter = context.adapter(params.model)
+    say(0.0, f"loading transcoder {params.transcoder}")
+    transcoder = context.transcoder(params.transcoder)
+    batch = get_task(params.task, **params.task_options).build(adapter.tokenizer, params.n, params.seed)
+    if len(batch) == 0:
+        raise InvalidParameterError(f"no prompt pair of task '{params.task}' fits the tokenizer of "
+                                    f"'{params.model}' (dropped: {batch.dropped})")
+    return adapter, transcoder, batch
+
+
+def prune_config(params: PruneParams):
+    from backend.circuits.pipeline import PruneConfig
+    return PruneConfig(method=params.method, k=params.k, budget=params.budget, corruption=params.corruption,
+                       grad=params.grad, options=dict(params.options), seed=params.seed,
+                       batch_size=params.batch_size, all_token_kl=params.all_token_kl,
+                       completeness=params.completeness)
+
+
+def sweep_config(params: SweepParams):
+    from backend.circuits.pipeline import SweepConfig
+    return SweepConfig(methods=list(params.methods), ks=list(params.ks), budget=params.budget,
+                       corruption=params.corruption, grad=params.grad,
+                       options={m: dict(o) for m, o in params.options.items()}, seed=params.seed,
+                       random_seeds=params.random_seeds, random_curve=params.random_curve,
+                       batch_size=params.batch_size, all_token_kl=params.all_token_kl)
+
+
+def run_prune(context: JobContext, params: PruneParams, progress: Progress | None = None) -> JobOutput:
+    """Prune one circuit -> JobOutput(Circuit, pairs)."""
+    from backend.circuits import pipeline
+    adapter, transcoder, batch = prepare(context, params, progress)
+    circuit = pipeline.run_prune(adapter, transcoder, batch, prune_config(params), model_name=params.model,
+                                 transcoder_name=params.transcoder, task_name=params.task, progress=progress)
+    return JobOutput(circuit, _pairs_json(batch))
+
+
+def run_sweep(context: JobContext, params: SweepParams, progress: Progress | None = None) -> JobOutput:
+    """Sweep methods x K -> JobOutput(SweepResult, pairs)."""
+    from backend.circuits import pipeline
+    adapter, transcoder, batch = prepare(context, params, progress)
+    result = pipeline.run_sweep(adapter, transcoder, batch, sweep_config(params), model_name=params.model,
+                                transcoder_name=params.transcoder, task_name=params.task, progress=progress)
+    return JobOutput(result, _pairs_json(batch))
+
+
+def run_graph(context: JobContext, circuit, dataset: DatasetParams, prompt: int | None,
+              progress: Progress | None = None) -> JobOutput:
+    """The attribution graph (circuit-tracer JSON) of `circuit` (a results.Circuit) on its prompts.
+
+    `dataset` rebuilds exactly the prompts the circuit was pruned on.
+    """
+    from backend.circuits.graph import build_graph
+    if prompt is not None and prompt >= len(circuit.prompts):
+        raise InvalidParameterError(f"prompt {prompt} out of range: the circuit has {len(circuit.prompts)} prompts")
+    adapter, transcoder, batch = prepare(context, dataset, progress)
+    if progress:
+        progress(0.1, "building the attribution graph")
+    graph = build_graph(adapter, transcoder, batch, circuit, [prompt] if prompt is not None else None,
+                        progress=(lambda f, m: progress(0.1 + 0.9 * f, m)) if progress else None)
+    return JobOutput(graph, _pairs_json(batch))

@@ -1,0 +1,94 @@
+"""Engine and sessions of the store, and schema upgrades through Alembic.
+
+SQLite (the default, a file under data_dir) is opened in WAL mode with a busy timeout so the
+API's request threads and the job threads can read while a job writes. Any other URL
+(e.g. ``postgresql+psycopg://...``) is used as given.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+from backend.settings import Settings
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+MIGRATIONS_DIR = REPO_ROOT / "migrations"
+SQLITE_BUSY_MS = 30_000
+
+
+def prepare_sqlite_dir(url: str) -> None:
+    """Create the directory of a file-based SQLite database (nothing for other backends)."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+
+
+def make_engine(url: str) -> Engine:
+    """An Engine for `url`; SQLite gets WAL, foreign keys on, a busy timeout, and thread sharing."""
+    prepare_sqlite_dir(url)
+    if make_url(url).get_backend_name() != "sqlite":
+        return create_engine(url, pool_pre_ping=True)
+    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_MS / 1000})
+
+    @event.listens_for(engine, "connect")
+    def _sqlite_pragmas(dbapi_connection, _record) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_MS}")
+        if make_url(url).database not in (None, "", ":memory:"):
+            cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.close()
+
+    return engine
+
+
+def session_factory(engine: Engine) -> sessionmaker[Session]:
+    """Sessions whose objects stay readable after commit (they are turned into schemas later)."""
+    return sessionmaker(engine, expire_on_commit=False)
+
+
+@contextmanager
+def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
+    """A session that commits on success and rolls back on any exception."""
+    with factory() as session, session.begin():
+        yield session
+
+
+def alembic_config(url: str):
+    """An Alembic Config for `url` that does not touch the application's logging."""
+    from alembic.config import Config
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.set_main_option("sqlalchemy.url", url)
+    config.attributes["configure_logging"] = False
+    return config
+
+
+def upgrade_to_head(url: str) -> None:
+    """Apply every pending migration to the database at `url` (creating it if needed)."""
+    from alembic import command
+    log.info("upgrading the store at %s to the newest schema", make_url(url).render_as_string(hide_password=True))
+    command.upgrade(alembic_config(url), "head")
+
+
+def downgrade_to(url: str, revision: str = "base") -> None:
+    """Undo migrations down to `revision` ("base" drops every table)."""
+    from alembic import command
+    command.downgrade(alembic_config(url), revision)
+
+
+def open_store(settings: Settings) -> tuple[Engine, sessionmaker[Session]]:
+    """Upgrade the database of `settings` to head and return its engine and session factory."""
+    url = settings.database_url
+    upgrade_to_head(url)
+    engine = make_engine(url)
+    return engine, session_factory(engine)

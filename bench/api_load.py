@@ -1,0 +1,179 @@
+"""Load benchmark of the API's read path: concurrent clients reading stored circuits.
+
+Starts `uvicorn backend.api.app:create_app --factory` on 127.0.0.1 (an ephemeral port) over a
+temporary SQLite database seeded with synthetic circuits, runs N concurrent httpx clients for
+a fixed time (and at most --max-requests requests), then prints throughput and latency
+percentiles and checks that no request failed. Target: p95 < 50 ms.
+
+    python bench/api_load.py                      # 50 clients, 30 s
+    python bench/api_load.py --clients 10 --seconds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from backend.circuits.results import (AggregatedFeature, Circuit, FeatureOccurrence, PromptCircuit,  # noqa: E402
+                                      Stat)
+from backend.store import queries  # noqa: E402
+from backend.store.db import make_engine, session_factory, transaction, upgrade_to_head  # noqa: E402
+
+HOST = "127.0.0.1"
+TARGET_P95_MS = 50.0
+METHODS = ("fap", "fap-synergy", "random", "activation-magnitude")
+
+
+def synthetic_circuit(rng: random.Random, method: str, k: int, n_prompts: int) -> Circuit:
+    """A circuit shaped like a real one: n_prompts prompts of ~20 tokens, K kept occurrences each."""
+    prompts = []
+    for i in range(n_prompts):
+        kept = [FeatureOccurrence(layer=rng.randrange(18), feature=rng.randrange(4096), position=rng.randrange(20),
+                                  score=rng.gauss(0, 1), activation=abs(rng.gauss(0, 2)), delta=rng.gauss(0, 1))
+                for _ in range(k)]
+        prompts.append(PromptCircuit(index=i, clean=f"prompt {i} " * 8, corrupted=f"other {i} " * 8,
+                                     tokens=[f"t{j}" for j in range(20)], n_active=500, kept=kept,
+                                     kl_last=rng.random(), kl_all=rng.random(), pred_changed=rng.random() < 0.2,
+                                     faithfulness=rng.random(), completeness=rng.random()))
+    features = [AggregatedFeature(layer=rng.randrange(18), feature=rng.randrange(4096), n_prompts=rng.randrange(1, 9),
+                                  mean_abs_score=rng.random()) for _ in range(k * 2)]
+    return Circuit(model="gemma-3-270m", transcoder="gemma-3-270m/clt", task="ioi", method=method, k=k,
+                   budget="global", corruption="corrupted_prompt", options={}, prompts=prompts, features=features,
+                   kl=Stat(0.3, 0.1, (0.25, 0.35)), pred_change_rate=0.1, faithfulness_mean=0.8,
+                   completeness_mean=0.7, seconds=12.0, cost={"patched_forwards": 100.0})
+
+
+def seed(url: str, n_circuits: int, k: int, n_prompts: int) -> list[int]:
+    """Create the schema and `n_circuits` stored circuits; returns their ids."""
+    upgrade_to_head(url)
+    engine = make_engine(url)
+    rng = random.Random(0)
+    ids = []
+    with transaction(session_factory(engine)) as s:
+        model = queries.get_or_create_model(s, "gemma-3-270m", "gemma3")
+        tc = queries.get_or_create_transcoder(s, "gemma-3-270m/clt", model)
+        for i in range(n_circuits):
+            circuit = synthetic_circuit(rng, METHODS[i % len(METHODS)], k, n_prompts)
+            ids.append(queries.save_circuit(s, circuit, f"{i:064d}", model, tc, None).id)
+    engine.dispose()
+    return ids
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+def start_server(url: str, port: int, data_dir: str) -> subprocess.Popen:
+    env = {**os.environ, "PIESCOPE_DB_URL": url, "PIESCOPE_DATA_DIR": data_dir, "PYTHONPATH": str(ROOT)}
+    env.pop("PIESCOPE_API_TOKEN", None)
+    cmd = [sys.executable, "-m", "uvicorn", "backend.api.app:create_app", "--factory", "--host", HOST,
+           "--port", str(port), "--log-level", "warning", "--no-access-log"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited with code {proc.returncode}")
+        try:
+            if httpx.get(f"http://{HOST}:{port}/api/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            time.sleep(0.2)
+    proc.terminate()
+    raise SystemExit("the server did not start within 60 s")
+
+
+async def client_loop(http: httpx.AsyncClient, ids: list[int], stop_at: float, budget: list[int],
+                      latencies: list[float], failures: list[str], rng: random.Random) -> None:
+    """Read circuits (detail 3 of 4 times, a filtered listing otherwise) until time or budget runs out."""
+    while time.monotonic() < stop_at and budget[0] > 0:
+        budget[0] -= 1
+        if rng.random() < 0.75:
+            path, params = f"/api/circuits/{rng.choice(ids)}", None
+        else:
+            path, params = "/api/circuits", {"method": rng.choice(METHODS), "limit": 20}
+        t0 = time.perf_counter()
+        try:
+            response = await http.get(path, params=params)
+            ok = response.status_code == 200
+            if not ok:
+                failures.append(f"{path}: HTTP {response.status_code}")
+        except httpx.HTTPError as err:
+            failures.append(f"{path}: {type(err).__name__}: {err}")
+            continue
+        latencies.append(time.perf_counter() - t0)
+
+
+async def run_load(port: int, ids: list[int], clients: int, seconds: float, max_requests: int):
+    latencies: list[float] = []
+    failures: list[str] = []
+    budget = [max_requests]
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=f"http://{HOST}:{port}", limits=limits, timeout=30) as http:
+        start = time.monotonic()
+        stop_at = start + seconds
+        await asyncio.gather(*(client_loop(http, ids, stop_at, budget, latencies, failures, random.Random(i))
+                               for i in range(clients)))
+        elapsed = time.monotonic() - start
+    return latencies, failures, elapsed
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=50)
+    parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--max-requests", type=int, default=200_000, help="stop after this many requests")
+    parser.add_argument("--circuits", type=int, default=200, help="stored circuits to seed")
+    parser.add_argument("--k", type=int, default=20, help="kept occurrences per prompt in each circuit")
+    parser.add_argument("--prompts", type=int, default=16, help="prompts per circuit")
+    args = parser.parse_args(argv)
+    if not (1 <= args.clients <= 500 and 0 < args.seconds <= 600):
+        parser.error("--clients must be in 1..500 and --seconds in (0, 600]")
+
+    with tempfile.TemporaryDirectory(prefix="piescope-bench-") as tmp:
+        url = f"sqlite:///{Path(tmp) / 'bench.db'}"
+        ids = seed(url, args.circuits, args.k, args.prompts)
+        port = free_port()
+        server = start_server(url, port, tmp)
+        try:
+            latencies, failures, elapsed = asyncio.run(
+                run_load(port, ids, args.clients, args.seconds, args.max_requests))
+        finally:
+            server.terminate()
+            server.wait(30)
+
+    ms = sorted(x * 1000 for x in latencies)
+    p50, p95, p99 = (percentile(ms, q) for q in (0.50, 0.95, 0.99))
+    print(f"{'clients':>8} {'seconds':>8} {'requests':>9} {'req/s':>8} {'p50 ms':>8} {'p95 ms':>8} "
+          f"{'p99 ms':>8} {'failed':>7}")
+    print(f"{args.clients:>8} {elapsed:>8.1f} {len(ms):>9} {len(ms) / elapsed:>8.1f} {p50:>8.1f} {p95:>8.1f} "
+          f"{p99:>8.1f} {len(failures):>7}")
+    for failure in failures[:10]:
+        print("failed:", failure)
+    verdict = "meets" if p95 < TARGET_P95_MS else "misses"
+    print(f"p95 {p95:.1f} ms {verdict} the target of {TARGET_P95_MS:.0f} ms")
+    return 1 if failures or not ms else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
