@@ -113,3 +113,12 @@ def test_graph_job_stores_the_graph_on_the_circuit(client):
     assert kept <= {n["node_id"] for n in exported["nodes"]}
     missing = client.get(f"/api/circuits/{job['circuit_id']}/graphs/all/neuronpedia")
     assert missing.status_code == 404 and "no graph" in missing.json()["detail"]
+
+
+def test_a_stored_circuit_registers_its_features(client):
+    job, _ = run_to_end(client, {"kind": "prune", "params": PRUNE})
+    circuit = client.get(f"/api/circuits/{job['circuit_id']}").json()
+    first = circuit["features"][0]
+    found = client.get("/api/features/lookup", params={"transcoder": circuit["transcoder"],
+                                                       "layer": first["layer"], "index": first["feature"]})
+    assert found.status_code == 200 and found.json()["layer"] == first["layer"]

@@ -191,8 +191,22 @@ def save_circuit(session: Session, result: CircuitResult, params_hash: str, mode
                   faithfulness_mean=result.faithfulness_mean, completeness_mean=result.completeness_mean,
                   seconds=result.seconds, cost=data["cost"], graphs=None, graph_keys=[])
     session.add(row)
+    register_features(session, transcoder, {(f.layer, f.feature) for f in result.features})
     session.flush()
     return row
+
+
+def register_features(session: Session, transcoder: Transcoder, keys: set[tuple[int, int]]) -> None:
+    """Feature rows for every (layer, index) a circuit kept, so each can be explained and annotated.
+
+    One query finds the existing rows; only the missing ones are inserted.
+    """
+    if not keys:
+        return
+    existing = set(session.execute(select(Feature.layer, Feature.index)
+                                   .where(Feature.transcoder_id == transcoder.id)).tuples())
+    session.add_all([Feature(model_id=transcoder.model_id, transcoder_id=transcoder.id, layer=layer, index=index,
+                             statistics={}) for layer, index in sorted(keys - existing)])
 
 
 def circuit_result(row: Circuit) -> CircuitResult:
