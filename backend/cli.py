@@ -235,7 +235,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> None:
 @command("demo")
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> None:
     from backend.demo import run_demo
-    run_demo(settings, n=args.n)
+    run_demo(settings, n=args.n, serve=not args.no_serve)
 
 
 def _say(message: str) -> None:
@@ -298,6 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="prepare the Gemma-3-270M demo and show its IOI behaviour")
     p.add_argument("-n", type=int, default=20, help="IOI prompts to show")
+    p.add_argument("--no-serve", action="store_true",
+                   help="only prepare the model and its CLT; start no servers")
     return parser
 
 
