@@ -122,3 +122,13 @@ def test_a_stored_circuit_registers_its_features(client):
     found = client.get("/api/features/lookup", params={"transcoder": circuit["transcoder"],
                                                        "layer": first["layer"], "index": first["feature"]})
     assert found.status_code == 200 and found.json()["layer"] == first["layer"]
+
+
+def test_a_cached_circuit_read_sees_a_new_graph(client):
+    """Reads are cached by the circuit's revision, which every update bumps."""
+    job, _ = run_to_end(client, {"kind": "prune", "params": PRUNE})
+    first = client.get(f"/api/circuits/{job['circuit_id']}").json()
+    assert client.get(f"/api/circuits/{job['circuit_id']}").json() == first  # served from the cache
+    run_to_end(client, {"kind": "graph", "params": {"circuit_id": job["circuit_id"], "prompt": 0}})
+    after = client.get(f"/api/circuits/{job['circuit_id']}").json()
+    assert first["graph_keys"] == [] and after["graph_keys"] == ["0"]

@@ -14,6 +14,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from backend.api.cache import ResponseCache
 from backend.api.deps import require_write_token
 from backend.api.jobs import JobExecutor, JobKind
 from backend.api.routers import features, jobs, meta, results
@@ -105,6 +106,7 @@ def create_app(settings: Settings | None = None, *, max_body_bytes: int = MAX_BO
                   description="Find, explain and check circuits in language models.",
                   dependencies=[Depends(require_write_token)])
     app.state.settings = settings
+    app.state.circuit_cache = ResponseCache()
     app.state.max_body_bytes = max_body_bytes
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
     app.add_exception_handler(UserError, _user_error)

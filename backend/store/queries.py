@@ -203,8 +203,8 @@ def register_features(session: Session, transcoder: Transcoder, keys: set[tuple[
     """
     if not keys:
         return
-    existing = set(session.execute(select(Feature.layer, Feature.index)
-                                   .where(Feature.transcoder_id == transcoder.id)).tuples())
+    existing = {(layer, index) for layer, index in session.execute(
+        select(Feature.layer, Feature.index).where(Feature.transcoder_id == transcoder.id))}
     session.add_all([Feature(model_id=transcoder.model_id, transcoder_id=transcoder.id, layer=layer, index=index,
                              statistics={}) for layer, index in sorted(keys - existing)])
 

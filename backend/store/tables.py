@@ -120,7 +120,8 @@ class Circuit(Base):
     """A pruned circuit (backend.circuits.results.Circuit) and its attribution graphs.
 
     prompts: per-prompt kept occurrences (PromptCircuit JSON); features: AggregatedFeature JSON;
-    graphs: {"all" | "<prompt index>": circuit-tracer graph JSON}, null until a graph job ran.
+    graphs: {"all" | "<prompt index>": backend.circuits.graph.build_graph JSON}, null until a
+    graph job ran. revision: bumped by the ORM on every update (readers cache by it).
     """
 
     __tablename__ = "circuits"
@@ -154,9 +155,12 @@ class Circuit(Base):
     graphs: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     graph_keys: Mapped[list[Any]] = mapped_column(default=list)  # keys of `graphs`, for light listings
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    revision: Mapped[int] = mapped_column(server_default="1")
 
     model: Mapped[Model] = relationship()
     transcoder: Mapped[Transcoder] = relationship()
+
+    __mapper_args__ = {"version_id_col": revision}
 
 
 class Sweep(Base):

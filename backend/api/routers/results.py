@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Query, Request, Response
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from backend.api.deps import get_session
@@ -42,11 +43,21 @@ def list_circuits(model: str | None = None, transcoder: str | None = None, task:
 
 
 @router.get("/circuits/{circuit_id}", response_model=CircuitDetail)
-def get_circuit(circuit_id: int, session: Session = Depends(get_session)) -> CircuitDetail:
-    """Kept occurrences per prompt, aggregated features, metrics, and the graphs once computed."""
-    row = queries.get_circuit(session, circuit_id)
-    return CircuitDetail(**_circuit_fields(row), dataset_id=row.dataset_id, options=row.options,
-                         prompts=row.prompts, features=row.features, cost=row.cost, graphs=row.graphs or {})
+def get_circuit(circuit_id: int, request: Request, session: Session = Depends(get_session)) -> Response:
+    """Kept occurrences per prompt, aggregated features, metrics, and the graphs once computed.
+
+    Served from an in-process cache of the serialised body while the circuit's revision holds.
+    """
+    cache = request.app.state.circuit_cache
+    revision = session.scalar(select(Circuit.revision).where(Circuit.id == circuit_id))
+    body = cache.get(circuit_id, revision) if revision is not None else None
+    if body is None:
+        row = queries.get_circuit(session, circuit_id)
+        body = CircuitDetail(**_circuit_fields(row), dataset_id=row.dataset_id, options=row.options,
+                             prompts=row.prompts, features=row.features, cost=row.cost,
+                             graphs=row.graphs or {}).model_dump_json().encode()
+        cache.put(circuit_id, row.revision, body)
+    return Response(body, media_type="application/json")
 
 
 @router.get("/sweeps", response_model=Page[SweepSummary])
