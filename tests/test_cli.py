@@ -110,3 +110,19 @@ def test_a_transcoder_for_another_model_is_one_line(capsys, cache_env, tmp_path)
     code, _, err = run(capsys, "prune", "--model", TINY_MODEL, "--transcoder", str(tmp_path / "wrong"),
                        "--task", "ioi", "-n", "2", "--method", "fap", "--k", "3")
     assert code == 2 and "2" in err and "3" in err and "layer" in err
+
+
+def test_train_clt_writes_a_loadable_transcoder(capsys, cache_env, tmp_path):
+    from backend.models.transcoder_files import load_transcoder
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text(" ".join(["Then, Mary and John went to the store. John gave a drink to Mary."] * 60))
+    (corpus / "b.txt").write_text(" ".join(["When Alice and Bob got a snack at the park, Bob gave it to Alice."] * 60))
+    out = tmp_path / "clt"
+    code, stdout, err = run(capsys, "train-clt", "--model", TINY_MODEL, "--corpus", str(corpus),
+                            "--features-per-layer", "16", "--k", "4", "--tokens", "512", "--heldout-tokens", "64",
+                            "--steps", "4", "--batch-size", "128", "--out", str(out))
+    assert code == 0, err
+    tc = load_transcoder(out)
+    assert (tc.n_layers, tc.d_model, tc.n_features) == (3, 32, 16)
+    assert (out / "training_report.json").is_file()
