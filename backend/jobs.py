@@ -1,4 +1,4 @@
-"""The job functions: what `prune`, `sweep` and `graph` compute, for the CLI and the API alike.
+"""The job functions: what `prune`, `sweep`, `graph`, `explain` and `score` compute, for the CLI and the API.
 
 Each kind has a pydantic params model (validated, defaults filled in, then hashed: identical
 params map to one stored result) and a function `run_<kind>(context, params, progress)` that
@@ -125,7 +125,51 @@ class GraphParams(BaseModel):
     prompt: int | None = Field(None, ge=0, le=MAX_N)
 
 
-PARAMS: dict[str, type[BaseModel]] = {"prune": PruneParams, "sweep": SweepParams, "graph": GraphParams}
+CORPORA: tuple[str, ...] = ("default", "stories")
+
+
+class ExplainParams(BaseModel):
+    """Harvest and explain the features of a stored circuit (DESIGN 7)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    circuit_id: int = Field(ge=1)
+    explainer: Literal["offline", "llm"] = "offline"
+    top_n: int | None = Field(None, ge=1, le=MAX_K, description="the circuit's top features; all when unset")
+    corpus: Literal["default", "stories"] = Field("default", description="default: Python docs + stories")
+    corpus_tokens: int = Field(20_000, ge=100, le=5_000_000, description="corpus tokens budget of the harvest")
+    force: bool = Field(False, description="explain again features already explained by this explainer")
+
+
+class ScoreParams(BaseModel):
+    """FADE scores of the explanations of a stored circuit's features (DESIGN 7)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    circuit_id: int = Field(ge=1)
+    explainer: Literal["offline", "llm", "human", "any"] = Field("any", description="which explanations")
+    rater: Literal["offline", "llm"] = "offline"
+    top_n: int | None = Field(None, ge=1, le=MAX_K)
+    corpus: Literal["default", "stories"] = "default"
+    corpus_tokens: int = Field(20_000, ge=100, le=5_000_000)
+    n_natural: int = Field(20, ge=2, le=500, description="random corpus windows (natural texts)")
+    n_generated: int = Field(10, ge=2, le=100, description="texts written to express each concept")
+    faithfulness: bool = True
+    factors: list[float] = Field(default_factory=lambda: [-50.0, -10.0, 0.0, 10.0, 50.0], min_length=2, max_length=20)
+    n_steer_prompts: int = Field(2, ge=1, le=32)
+    n_new_tokens: int = Field(8, ge=1, le=64)
+
+    @field_validator("factors")
+    @classmethod
+    def _factors_with_baseline(cls, factors: list[float]) -> list[float]:
+        factors = sorted(set(factors))
+        if 0.0 not in factors:
+            raise ValueError("steering factors must include 0 (the unsteered baseline)")
+        return factors
+
+
+PARAMS: dict[str, type[BaseModel]] = {"prune": PruneParams, "sweep": SweepParams, "graph": GraphParams,
+                                      "explain": ExplainParams, "score": ScoreParams}
 
 
 def params_hash(kind: str, params: BaseModel) -> str:
@@ -135,34 +179,10 @@ def params_hash(kind: str, params: BaseModel) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-class EngineUnavailableError(UserError):
-    """A part of the PIE engine this request needs is not installed in this checkout."""
-
-    http_status = 503
-
-
 def list_methods() -> list[dict[str, Any]]:
     """The one registry of selection methods (name, description, options)."""
-    try:
-        from backend.circuits.selection import list_methods as registry
-    except ImportError as err:
-        raise EngineUnavailableError(f"the selection-method registry is not available: {err}") from None
+    from backend.circuits.selection import list_methods as registry
     return list(registry())
-
-
-def _method_options(name: str, budget: str, options: dict[str, Any] | None) -> dict[str, Any]:
-    """The method's options with its defaults filled in; unknown method/budget/option -> error."""
-    try:
-        from backend.circuits.selection import BUDGETS, get_method
-    except ImportError as err:
-        raise EngineUnavailableError(f"the selection-method registry is not available: {err}") from None
-    method = get_method(name)
-    if budget not in BUDGETS:
-        raise InvalidParameterError(f"unknown budget '{budget}'; known budgets: {', '.join(BUDGETS)}")
-    if budget not in method.budgets:
-        raise InvalidParameterError(f"method '{name}' supports budget(s) {', '.join(method.budgets)}, "
-                                    f"not '{budget}'")
-    return method.options(options)
 
 
 def normalise(params: BaseModel) -> BaseModel:
@@ -170,13 +190,14 @@ def normalise(params: BaseModel) -> BaseModel:
 
     Unknown method -> NotFoundError (404); unknown budget or option -> InvalidParameterError (422).
     """
+    from backend.circuits.pipeline import check_method
     if isinstance(params, PruneParams):
-        return params.model_copy(update={"options": _method_options(params.method, params.budget, params.options)})
+        return params.model_copy(update={"options": check_method(params.method, params.budget, params.options)})
     if isinstance(params, SweepParams):
         extra = set(params.options) - set(params.methods)
         if extra:
             raise InvalidParameterError(f"options given for method(s) not in the sweep: {', '.join(sorted(extra))}")
-        options = {m: _method_options(m, params.budget, params.options.get(m)) for m in params.methods}
+        options = {m: check_method(m, params.budget, params.options.get(m)) for m in params.methods}
         return params.model_copy(update={"options": options})
     return params
 
@@ -320,3 +341,93 @@ def run_graph(context: JobContext, circuit, dataset: DatasetParams, prompt: int 
     graph = build_graph(adapter, transcoder, batch, circuit, [prompt] if prompt is not None else None,
                         progress=(lambda f, m: progress(0.1 + 0.9 * f, m)) if progress else None)
     return JobOutput(graph, _pairs_json(batch))
+
+
+# ------------------------------------------------------------------------------ interpretation
+
+def corpus_documents(name: str, seed: int = 0) -> list[str]:
+    """The harvest corpus: "default" (Python docs + stories) or "stories" (IOI-like stories only)."""
+    from backend.models.corpus import load_corpus, story_documents
+    if name == "stories":
+        return story_documents(400_000, seed=seed)
+    return load_corpus(None, seed=seed)
+
+
+def _circuit_features(info, top_n: int | None) -> list[tuple[int, int]]:
+    return info.features if top_n is None else info.features[:top_n]
+
+
+def _active_features(context: JobContext, info) -> int:
+    """Distinct features active on the circuit's clean prompts: rebuilt from its stored dataset,
+    else (a circuit imported from a file) tokenised from its prompt texts."""
+    from backend.interp.pipeline import active_features, prompt_windows, text_windows
+    if info.dataset is not None:
+        adapter, transcoder, batch = prepare(context, DatasetParams(**info.dataset))
+        return active_features(adapter, transcoder, prompt_windows(batch))
+    adapter, transcoder = context.adapter(info.model), context.transcoder(info.transcoder)
+    return active_features(adapter, transcoder, text_windows(adapter.tokenizer, info.prompts))
+
+
+def run_explain(context: JobContext, params: ExplainParams, store, progress: Progress | None = None) -> JobOutput:
+    """Harvest + explain a circuit's features (stored as they come through `store`, an
+    `interp.store.InterpStore`) -> JobOutput({"report", "cost"}, [])."""
+    from dataclasses import asdict
+
+    from backend.interp.explainers import LLMExplainer, OfflineExplainer
+    from backend.interp.harvest import HarvestConfig
+    from backend.interp.llm import LLMClient, LLMConfig
+    from backend.interp.pipeline import explain_circuit
+    say = progress or (lambda f, m: None)
+    info = store.circuit(params.circuit_id)
+    features = _circuit_features(info, params.top_n)
+    client = LLMClient(LLMConfig.from_settings(context.settings)) if params.explainer == "llm" else None
+    explainer = LLMExplainer(client) if client else OfflineExplainer()
+    adapter, transcoder = context.adapter(info.model), context.transcoder(info.transcoder)
+    try:
+        report = explain_circuit(adapter, transcoder, store, info.transcoder, features,
+                                 corpus_documents(params.corpus), explainer, params.corpus,
+                                 HarvestConfig(n_tokens=params.corpus_tokens), force=params.force,
+                                 progress=lambda f, m: say(0.9 * f, m))
+    finally:
+        if client:
+            client.close()
+    active = info.cost.get("active_features")
+    if active is None:
+        say(0.9, "counting the features active on the circuit's prompts")
+        active = _active_features(context, info)
+    per_feature = report.calls / report.explained if report.explained else 1.0
+    cost = {"explainer": f"{explainer.source}:{explainer.model}", "explain_calls": report.calls,
+            "explain_tokens": report.tokens, "explained_features": report.explained + report.reused,
+            "active_features": active,
+            "calls_if_all_active": round(active * per_feature, 2)}
+    say(1.0, f"explained {report.explained} features ({len(report.errors)} errors)")
+    return JobOutput({"report": asdict(report), "cost": cost}, [])
+
+
+def run_score(context: JobContext, params: ScoreParams, store, progress: Progress | None = None) -> JobOutput:
+    """FADE-score a circuit's explanations (stored as they come) -> JobOutput({"report", "cost"}, [])."""
+    from dataclasses import asdict
+
+    from backend.interp.llm import LLMClient, LLMConfig
+    from backend.interp.pipeline import ScoreConfig, score_circuit
+    from backend.interp.raters import LLMRater, OfflineRater
+    info = store.circuit(params.circuit_id)
+    features = _circuit_features(info, params.top_n)
+    client = LLMClient(LLMConfig.from_settings(context.settings)) if params.rater == "llm" else None
+    rater = LLMRater(client) if client else OfflineRater()
+    adapter, transcoder = context.adapter(info.model), context.transcoder(info.transcoder)
+    config = ScoreConfig(n_natural=params.n_natural, n_generated=params.n_generated,
+                         faithfulness=params.faithfulness, factors=tuple(params.factors),
+                         n_steer_prompts=params.n_steer_prompts, n_new_tokens=params.n_new_tokens)
+    try:
+        report = score_circuit(adapter, transcoder, store, info.transcoder, features,
+                               corpus_documents(params.corpus), rater, params.explainer, config, progress)
+    finally:
+        if client:
+            client.close()
+    active = info.cost.get("active_features")
+    per_feature = report.calls / report.scored if report.scored else 0.0
+    cost = {"rater": rater.name, "score_calls": report.calls, "score_tokens": report.tokens,
+            "scored_features": report.scored,
+            "score_calls_if_all_active": None if active is None else round(active * per_feature, 2)}
+    return JobOutput({"report": asdict(report), "cost": cost}, [])

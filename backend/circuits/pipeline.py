@@ -73,7 +73,8 @@ def validate_k(k: int) -> int:
     return k
 
 
-def _check_method(name: str, budget: str, options: dict[str, Any] | None) -> dict[str, Any]:
+def check_method(name: str, budget: str, options: dict[str, Any] | None) -> dict[str, Any]:
+    """The method's options with defaults filled in; unknown method (404), budget or option (422)."""
     method = get_method(name)
     if budget not in BUDGETS:
         raise InvalidParameterError(f"unknown budget '{budget}'; known: {', '.join(BUDGETS)}")
@@ -103,7 +104,7 @@ def run_prune(adapter: ModelAdapter, transcoder: Transcoder, batch: PromptBatch,
     """The top-K circuit of every prompt by one method, with PIE's metrics."""
     progress = progress or _no_progress
     validate_k(config.k)
-    options = _check_method(config.method, config.budget, config.options)
+    options = check_method(config.method, config.budget, config.options)
     method = METHODS[config.method]
     attr = Attributor(adapter, transcoder, config.corruption, config.grad)
     evaluator = Evaluator(attr)
@@ -201,7 +202,7 @@ def run_sweep(adapter: ModelAdapter, transcoder: Transcoder, batch: PromptBatch,
     ks = sorted({validate_k(k) for k in config.ks})
     if not ks:
         raise InvalidParameterError("a sweep needs at least one budget K")
-    options = {m: _check_method(m, config.budget, config.options.get(m)) for m in config.methods}
+    options = {m: check_method(m, config.budget, config.options.get(m)) for m in config.methods}
     unknown = set(config.options) - set(config.methods)
     if unknown:
         raise InvalidParameterError(f"options given for method(s) not in the sweep: {', '.join(sorted(unknown))}")
