@@ -249,6 +249,14 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> None:
     serve(settings, host=args.host, port=args.port)
 
 
+@command("dash")
+def cmd_dash(args: argparse.Namespace, settings: Settings) -> None:
+    from frontend_dash.app import serve
+    if args.api_url:
+        settings = settings.model_copy(update={"api_url": args.api_url})
+    serve(settings, host=args.host, port=args.port, debug=args.debug)
+
+
 @command("demo")
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> None:
     from backend.demo import run_demo
@@ -330,7 +338,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", help="address to bind (default PIESCOPE_API_HOST, 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default PIESCOPE_API_PORT, 8000)")
 
-    p = sub.add_parser("demo", help="prepare the Gemma-3-270M demo and show its IOI behaviour")
+    p = sub.add_parser("dash", help="run the dashboard (Dash) over the worker API at PIESCOPE_API_URL")
+    p.add_argument("--host", help="address to bind (default PIESCOPE_DASH_HOST, 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default PIESCOPE_DASH_PORT, 8050)")
+    p.add_argument("--api-url", help="the worker API (default PIESCOPE_API_URL, http://127.0.0.1:8000)")
+    p.add_argument("--debug", action="store_true", help="Dash dev tools (no reloader)")
+
+    p = sub.add_parser("demo", help="the main job: demo model, its CLT, a stored sweep, worker and dashboard")
     p.add_argument("-n", type=int, default=20, help="IOI prompts to show")
     p.add_argument("--no-serve", action="store_true",
                    help="only prepare the model and its CLT; start no servers")

@@ -1,0 +1,91 @@
+"""Views of one feature (DESIGN 7): top-activating examples, logit lens, activation histogram.
+
+Inputs are the API's FeatureDetail JSON pieces: `statistics` ({"histogram": {"edges", "counts"},
+"density", "logit_lens": {"top": [[token, value]], "bottom": [...]}}) and `examples` rows
+({"tokens", "activations", "max_activation", "quantile"?}). Tokens are text children, shaded by
+activation / max activation; nothing is rendered as HTML.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import plotly.graph_objects as go
+from dash import html
+
+from frontend_dash.components.views import fmt, note, table
+
+NOT_HARVESTED = "not harvested yet: run the harvest job for this feature to see examples and statistics"
+
+
+def has_statistics(statistics: dict[str, Any] | None) -> bool:
+    return bool(statistics) and any(k in statistics for k in ("histogram", "density", "logit_lens"))
+
+
+def histogram_figure(statistics: dict[str, Any]) -> go.Figure | None:
+    """Bar chart of the activation histogram, or None when there is none."""
+    hist = (statistics or {}).get("histogram")
+    if not hist or not hist.get("counts"):
+        return None
+    edges, counts = hist["edges"], hist["counts"]
+    centers = [(a + b) / 2 for a, b in zip(edges[:-1], edges[1:])]
+    widths = [b - a for a, b in zip(edges[:-1], edges[1:])]
+    fig = go.Figure(go.Bar(x=centers, y=counts, width=widths, marker={"color": "#1f77b4"},
+                           hovertemplate="activation %{x:.3g}: %{y}<extra></extra>"))
+    title = "activation histogram"
+    if statistics.get("density") is not None:
+        title += f" (density {statistics['density']:.3g})"
+    fig.update_layout(title=title, height=260, margin={"l": 40, "r": 10, "t": 40, "b": 40}, plot_bgcolor="white",
+                      yaxis={"type": "log", "title": "count"}, xaxis={"title": "activation"}, bargap=0)
+    return fig
+
+
+def shaded_tokens(tokens: list[Any], activations: list[float], top: float) -> list[html.Span]:
+    """Token spans with a background whose opacity is activation / top (text, never HTML)."""
+    spans = []
+    for token, act in zip(tokens, activations):
+        alpha = 0.0 if top <= 0 else max(0.0, min(1.0, float(act) / top))
+        spans.append(html.Span(str(token), title=f"{float(act):.4g}", className="pie-token",
+                               style={"backgroundColor": f"rgba(255,140,0,{alpha:.2f})"}))
+    return spans
+
+
+def examples_view(examples: list[dict[str, Any]]) -> html.Div:
+    """Top-activating examples, one line each, with max activation and quantile."""
+    if not examples:
+        return note(NOT_HARVESTED)
+    top = max((e.get("max_activation") or 0.0 for e in examples), default=0.0)
+    lines = []
+    for e in examples:
+        meta = f"max {fmt(e.get('max_activation'))}"
+        if e.get("quantile") is not None:
+            meta += f" · quantile {fmt(e['quantile'])}"
+        lines.append(html.Div([html.Span(meta, className="pie-example-meta"),
+                               html.Span(shaded_tokens(e["tokens"], e["activations"], top))],
+                              className="pie-example"))
+    return html.Div(lines, id="feature-examples")
+
+
+def logit_lens_view(statistics: dict[str, Any]) -> html.Div:
+    """Two small tables: the tokens the decoder row promotes and suppresses most."""
+    lens = (statistics or {}).get("logit_lens")
+    if not lens:
+        return note("no logit lens yet (" + NOT_HARVESTED + ")")
+    def rows(pairs: list[list[Any]]) -> list[dict[str, Any]]:
+        return [{"token": repr(str(t)), "value": float(v)} for t, v in pairs]
+    return html.Div([
+        html.Div([html.H4("promotes"), table(rows(lens.get("top", [])), [("token", "token"), ("logit", "value")])],
+                 className="pie-col"),
+        html.Div([html.H4("suppresses"), table(rows(lens.get("bottom", [])), [("token", "token"), ("logit", "value")])],
+                 className="pie-col"),
+    ], className="pie-row", id="feature-logit-lens")
+
+
+def score_summary(scores: list[dict[str, Any]]) -> str:
+    """"clarity 0.81 (offline) · purity 0.4 (human)" — the newest score per (metric, rater)."""
+    newest: dict[tuple[str, str], dict[str, Any]] = {}
+    for s in sorted(scores, key=lambda s: (s["created_at"], s["id"])):
+        newest[(s["metric"], s["rater"])] = s
+    if not newest:
+        return "no FADE scores yet"
+    return " · ".join(f"{m} {s['value']:.3g}" + (f" ({r})" if r else "") for (m, r), s in sorted(newest.items()))

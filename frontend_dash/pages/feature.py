@@ -1,0 +1,206 @@
+"""Feature: examples, logit lens, histogram, every explanation with its source and FADE scores, and
+annotation (write or edit an explanation; rate one 0/1/2 as FADE raters do; label; comment).
+
+/feature?id=<feature id>, or /feature?transcoder=<model/dir>&layer=<l>&index=<i>. Everything is
+saved through the API; user text is always rendered as text.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dash
+from dash import Input, Output, State, callback, dcc, html, no_update
+
+from frontend_dash.api_client import ApiError, current_client
+from frontend_dash.components.feature_views import (NOT_HARVESTED, examples_view, has_statistics, histogram_figure,
+                                                    logit_lens_view, score_summary)
+from frontend_dash.components.views import error_note, note
+
+
+FEATURE_ITSELF = "feature"
+NEW = "new"
+RATINGS = [{"label": " 0 absent", "value": 0}, {"label": " 1 vague", "value": 1}, {"label": " 2 clearly present", "value": 2}]
+
+
+def _load(id: str | None, transcoder: str | None, layer: str | None, index: str | None) -> dict[str, Any]:  # noqa: A002
+    client = current_client()
+    if id is not None and str(id).isdigit():
+        return client.feature(int(id))
+    if transcoder and layer is not None and index is not None and layer.isdigit() and index.isdigit():
+        return client.lookup_feature(transcoder, int(layer), int(index))
+    raise ApiError(400, "open a feature from a circuit graph, or give ?id= or ?transcoder=&layer=&index=")
+
+
+def layout(id: str | None = None, transcoder: str | None = None, layer: str | None = None,  # noqa: A002
+           index: str | None = None, **_query: str) -> html.Div:
+    try:
+        feature = _load(id, transcoder, layer, index)
+    except ApiError as err:
+        return html.Div([html.H2("Feature"), error_note(err)])
+    stats = feature.get("statistics") or {}
+    histogram = histogram_figure(stats)
+    return html.Div([
+        dcc.Store(id="feature-id", data=feature["id"]),
+        dcc.Store(id="feature-refresh", data=0),
+        html.H2(f"Feature L{feature['layer']} #{feature['index']}"),
+        html.P(f"{feature['model']} · {feature['transcoder']}", className="pie-meta"),
+        html.Div([
+            html.Div([
+                html.H3("Top-activating examples"),
+                examples_view(feature.get("examples") or []),
+                html.H3("Logit lens"),
+                logit_lens_view(stats),
+                dcc.Graph(id="feature-histogram", figure=histogram, config={"displaylogo": False})
+                if histogram is not None else note("no activation histogram (" + NOT_HARVESTED + ")"),
+            ] if (feature.get("examples") or has_statistics(stats)) else [note(NOT_HARVESTED, "warning")],
+                className="pie-col"),
+            html.Div([
+                html.H3("Explanations"),
+                html.Div(id="feature-explanations"),
+                html.H3("Write or edit an explanation"),
+                _explanation_form(),
+                html.H3("Annotate"),
+                _annotation_form(),
+                html.Div(id="feature-status"),
+            ], className="pie-col pie-form"),
+        ], className="pie-row"),
+    ])
+
+
+def _explanation_form() -> html.Div:
+    return html.Div([
+        html.Label("explanation"),
+        dcc.Dropdown(id="feature-expl-target", options=[{"label": "a new explanation", "value": NEW}], value=NEW,
+                     clearable=False),
+        html.Label("text"),
+        dcc.Textarea(id="feature-expl-text", value="", style={"width": "100%", "height": "5em"}),
+        html.Label("your name"),
+        dcc.Input(id="feature-author", type="text", value="", placeholder="optional"),
+        html.Button("Save explanation", id="feature-expl-save", n_clicks=0),
+    ])
+
+
+def _annotation_form() -> html.Div:
+    return html.Div([
+        html.Label("about"),
+        dcc.Dropdown(id="feature-ann-target", options=[{"label": "the feature itself", "value": FEATURE_ITSELF}],
+                     value=FEATURE_ITSELF, clearable=False),
+        html.Label("FADE rating: is the explained concept present in the examples?"),
+        dcc.RadioItems(id="feature-ann-rating", options=RATINGS, value=None, inline=True),
+        html.Label("label"),
+        dcc.Input(id="feature-ann-label", type="text", value="", placeholder="e.g. name-mover"),
+        html.Label("comment"),
+        dcc.Textarea(id="feature-ann-comment", value="", style={"width": "100%", "height": "4em"}),
+        html.Button("Save annotation", id="feature-ann-save", n_clicks=0),
+    ])
+
+
+def _annotation_line(a: dict[str, Any]) -> html.Div:
+    parts = []
+    if a["rating"] is not None:
+        parts.append(f"rating {a['rating']}")
+    if a["label"]:
+        parts.append(f"label: {a['label']}")
+    if a["comment"]:
+        parts.append(f"comment: {a['comment']}")
+    who = f" — {a['author']}" if a["author"] else ""
+    return html.Div(" · ".join(parts) + who, className="pie-meta pie-annotation")
+
+
+def _explanation_card(client, e: dict[str, Any]) -> html.Div:
+    scores = client.scores(e["id"])
+    annotations = client.explanation_annotations(e["id"])
+    return html.Div([
+        html.Div(e["text"], className="pie-explanation-text", id={"type": "explanation-text", "id": e["id"]}),
+        html.Div(f"#{e['id']} · {e['source']}" + (f" ({e['model']})" if e.get("model") else "")
+                 + (f" · {e['author']}" if e["author"] else "") + f" · revision {e['revision']}",
+                 className="pie-meta"),
+        html.Div(f"FADE: {score_summary(scores)}", className="pie-meta"),
+        html.Div([_annotation_line(a) for a in annotations]),
+    ], className="pie-explanation")
+
+
+def _short(text: str, n: int = 60) -> str:
+    return text if len(text) <= n else text[:n - 1] + "…"
+
+
+@callback(Output("feature-explanations", "children"), Output("feature-expl-target", "options"),
+          Output("feature-ann-target", "options"), Input("feature-refresh", "data"), State("feature-id", "data"))
+def show_explanations(_refresh: int, feature_id: int):
+    client = current_client()
+    try:
+        feature = client.feature(feature_id)
+        explanations = sorted(feature["explanations"], key=lambda e: e["id"])
+        cards = [_explanation_card(client, e) for e in explanations]
+        own = client.feature_annotations(feature_id)
+    except ApiError as err:
+        return error_note(err), no_update, no_update
+    choices = [{"label": f"#{e['id']} ({e['source']}): {_short(e['text'])}", "value": e["id"]} for e in explanations]
+    body = cards or [note("no explanation yet: write the first one below")]
+    if own:
+        body = body + [html.H4("Notes on the feature"), html.Div([_annotation_line(a) for a in own])]
+    return (html.Div(body), [{"label": "a new explanation", "value": NEW}] + choices,
+            [{"label": "the feature itself", "value": FEATURE_ITSELF}] + choices)
+
+
+@callback(Output("feature-expl-text", "value"), Input("feature-expl-target", "value"), State("feature-id", "data"),
+          prevent_initial_call=True)
+def load_for_edit(target: Any, feature_id: int):
+    if target == NEW:
+        return ""
+    try:
+        feature = current_client().feature(feature_id)
+    except ApiError:
+        return no_update
+    return next((e["text"] for e in feature["explanations"] if e["id"] == target), "")
+
+
+@callback(Output("feature-refresh", "data"), Output("feature-status", "children"),
+          Input("feature-expl-save", "n_clicks"), State("feature-expl-target", "value"),
+          State("feature-expl-text", "value"), State("feature-author", "value"), State("feature-id", "data"),
+          State("feature-refresh", "data"), prevent_initial_call=True)
+def save_explanation(n_clicks: int, target: Any, text: str | None, author: str | None, feature_id: int,
+                     refresh: int):
+    if not n_clicks:
+        return no_update, no_update
+    if not (text or "").strip():
+        return no_update, note("write the explanation first", "warning")
+    client = current_client()
+    try:
+        if target == NEW:
+            saved = client.create_explanation(feature_id, text.strip(), author or "")
+        else:
+            saved = client.update_explanation(int(target), text.strip(), author or "")
+    except ApiError as err:
+        return no_update, error_note(err)
+    return (refresh or 0) + 1, note(f"saved explanation #{saved['id']} (revision {saved['revision']})")
+
+
+@callback(Output("feature-refresh", "data", allow_duplicate=True),
+          Output("feature-status", "children", allow_duplicate=True),
+          Output("feature-ann-label", "value"), Output("feature-ann-comment", "value"),
+          Input("feature-ann-save", "n_clicks"), State("feature-ann-target", "value"),
+          State("feature-ann-rating", "value"), State("feature-ann-label", "value"),
+          State("feature-ann-comment", "value"), State("feature-author", "value"), State("feature-id", "data"),
+          State("feature-refresh", "data"), prevent_initial_call=True)
+def save_annotation(n_clicks: int, target: Any, rating: int | None, label: str | None, comment: str | None,
+                    author: str | None, feature_id: int, refresh: int):
+    if not n_clicks:
+        return no_update, no_update, no_update, no_update
+    if rating is None and not (label or "").strip() and not (comment or "").strip():
+        return no_update, note("give a rating, a label or a comment", "warning"), no_update, no_update
+    if rating is not None and target == FEATURE_ITSELF:
+        return (no_update, note("ratings are about an explanation: pick one under 'about'", "warning"),
+                no_update, no_update)
+    client = current_client()
+    try:
+        saved = client.annotate(explanation_id=None if target == FEATURE_ITSELF else int(target),
+                                feature_id=feature_id, rating=rating, label=(label or "").strip() or None,
+                                comment=(comment or "").strip() or None, author=author or "")
+    except ApiError as err:
+        return no_update, error_note(err), no_update, no_update
+    return (refresh or 0) + 1, note(f"saved annotation #{saved['id']}"), "", ""
+
+
+dash.register_page(__name__, path="/feature", name="Feature", title="PIEscope — feature", layout=layout)

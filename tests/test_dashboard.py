@@ -1,0 +1,344 @@
+"""The Dash dashboard: figure builders as pure functions, then the real app in headless Chromium.
+
+Browser tests run the real API (tiny Llama + random CLT, temp SQLite, a write token) and the
+Dash app on loopback ports (fixtures in tests/browser.py). Screenshots go to
+artifacts/screenshots/.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from frontend_dash.components.compare import feature_sets, jaccard, kl_difference_figure, kl_pairs
+from frontend_dash.components.feature_views import examples_view, histogram_figure, logit_lens_view, score_summary
+from frontend_dash.components.graph_figure import (aggregate_figure, clicked_feature, edge_traces, graph_figure,
+                                                   layout_prompt_nodes, stored_graphs)
+from frontend_dash.components.job_form import job_requests, parse_budgets
+from frontend_dash.components.kl_figure import compression_rows, kl_vs_k_figure
+from tests.browser import SCREENSHOTS, dash_stack, driver, severe_console_entries, tiny_cache  # noqa: F401
+
+XSS = '<script>window.__xss=1</script><img src="x" onerror="window.__xss=1">'
+
+
+# ------------------------------------------------------------------------------ pure figure builders
+
+def _graph() -> dict:
+    """A 2-layer prompt graph: 3 tokens, 3 features (two share layer 0 / position 2), the logit."""
+    def feat(layer, f, pos, score):
+        return {"node_id": f"{layer}_{f}_{pos}", "kind": "feature", "layer": layer, "position": pos, "feature": f,
+                "activation": 1.0, "score": score, "token": "c"}
+    nodes = [feat(0, 5, 2, 0.5), feat(0, 7, 2, -0.1), feat(1, 3, 1, 0.2),
+             {"node_id": "0_-1_2", "kind": "error", "layer": 0, "position": 2, "feature": -1, "activation": None,
+              "score": None, "token": "c"}]
+    nodes += [{"node_id": f"E_{i}_{i}", "kind": "token", "layer": -1, "position": i, "feature": i,
+               "activation": None, "score": None, "token": t} for i, t in enumerate(["a", "<b>", "c"])]
+    nodes.append({"node_id": "3_9_2", "kind": "logit", "layer": 3, "position": 2, "feature": 9, "activation": None,
+                  "score": None, "token": "d", "token_prob": 0.4})
+    links = [{"source": "0_5_2", "target": "3_9_2", "weight": 1.0}, {"source": "0_7_2", "target": "1_3_1", "weight": -0.5},
+             {"source": "E_1_1", "target": "1_3_1", "weight": 0.05}, {"source": "0_-1_2", "target": "3_9_2", "weight": 2.0}]
+    return {"prompt": 0, "tokens": ["a", "<b>", "c"], "answer_token": 9, "nodes": nodes, "links": links}
+
+
+def _segments(fig) -> int:
+    return sum(sum(1 for v in t.x if v is None) for t in fig.data if t.mode == "lines")
+
+
+def test_prompt_graph_layout_rows_columns_sizes_and_escaped_hover():
+    graph = _graph()
+    placed = {n["node_id"]: n for n in layout_prompt_nodes(graph)}
+    assert "0_-1_2" not in placed                                   # error nodes hidden by default
+    assert placed["E_0_0"]["y"] == 0 and placed["3_9_2"]["y"] == 4  # tokens at the bottom, the logit on top
+    assert placed["1_3_1"]["y"] == 2 and placed["1_3_1"]["x"] == 1
+    shared = [placed["0_5_2"]["x"], placed["0_7_2"]["x"]]            # one (layer, position): side by side
+    assert shared[0] != shared[1] and all(1.5 <= x <= 2.5 for x in shared)
+
+    fig = graph_figure(graph, explanations={"0_5": "<b>name</b> mover"})
+    feature = next(t for t in fig.data if t.name == "feature")
+    sizes = dict(zip([c[0] for c in feature.customdata], feature.marker.size))
+    assert sizes["0_5_2"] > sizes["1_3_1"] > sizes["0_7_2"]          # size grows with |score|
+    hover = dict(zip([c[0] for c in feature.customdata], feature.text))
+    assert "&lt;b&gt;name&lt;/b&gt; mover" in hover["0_5_2"] and "<b>name</b>" not in hover["0_5_2"]
+    assert "no explanation yet" in hover["1_3_1"]
+    assert list(fig.layout.xaxis.ticktext) == ["a", "&lt;b&gt;", "c"]
+    assert _segments(fig) == 3                                       # the error's link is not drawn
+    assert _segments(graph_figure(graph, show_errors=True)) == 4
+    assert _segments(graph_figure(graph, threshold=0.4)) == 2        # |w| >= 0.4 of the largest
+    assert clicked_feature({"points": [{"customdata": feature.customdata[0]}]}) == (0, 5)
+    token = next(t for t in fig.data if t.name == "token")
+    assert clicked_feature({"points": [{"customdata": token.customdata[0]}]}) is None
+
+
+def test_edges_are_binned_by_weight_and_sign_with_none_separators():
+    coords = {"a": (0, 0), "b": (1, 1), "c": (2, 2)}
+    links = [{"source": "a", "target": "b", "weight": 1.0}, {"source": "b", "target": "c", "weight": 0.1},
+             {"source": "a", "target": "c", "weight": -0.9}, {"source": "a", "target": "zzz", "weight": 5.0}]
+    traces = edge_traces(links, coords)
+    assert len(traces) == 3
+    strongest = [t for t in traces if t["line"]["color"] == "#1f77b4" and t["opacity"] == max(x["opacity"] for x in traces)]
+    assert strongest[0]["x"] == [0, 1, None]
+    assert edge_traces(links, coords, threshold=0.95)[0]["x"] == [0, 1, None]
+
+
+def test_aggregate_figure_and_stored_graphs():
+    graph = _graph()
+    aggregate = {"nodes": [{"node_id": "0_5", "kind": "feature", "layer": 0, "feature": 5, "n_prompts": 3},
+                           {"node_id": "0_7", "kind": "feature", "layer": 0, "feature": 7, "n_prompts": 1},
+                           {"node_id": "logit", "kind": "logit", "layer": 3, "feature": 9, "n_prompts": 3}],
+                 "links": [{"source": "0_5", "target": "logit", "weight": 0.3}]}
+    fig = aggregate_figure(aggregate)
+    feature = next(t for t in fig.data if t.name == "feature")
+    assert feature.marker.size[0] > feature.marker.size[1]          # kept on more prompts: bigger
+    assert list(fig.layout.yaxis.ticktext) == ["L0", "L1", "logit"]
+    circuit = {"graphs": {"all": {"graphs": [graph, {**graph, "prompt": 1}], "aggregate": aggregate},
+                          "1": {"graphs": [{**graph, "prompt": 1, "links": []}], "aggregate": None}}}
+    per_prompt, agg = stored_graphs(circuit)
+    assert sorted(per_prompt) == [0, 1] and per_prompt[1][0] == "1" and per_prompt[0][0] == "all"
+    assert agg is aggregate
+
+
+def _sweep() -> dict:
+    def row(method, k, kl):
+        return {"method": method, "k": k, "kl_mean": kl, "kl_std": 0.1, "kl_ci95": [kl - 0.1, kl + 0.1],
+                "pred_change_rate": 0.5, "faithfulness_mean": 0.2, "n_prompts": 4, "seconds": 0.1}
+    return {"model": "m", "task": "ioi", "n_prompts": 4, "methods": ["fap", "random"], "ks": [50, 100],
+            "rows": [row("fap", 50, 1.3), row("fap", 100, 1.1), row("random", 50, 2.0), row("random", 100, 1.9)],
+            "random_curve": [row("random", 50, 2.0), row("random", 4000, 1.1)],
+            "effective_compression": {"fap": {"50": 20.0, "100": 40.0}, "random": {"50": 1.0, "100": None}},
+            "kl_none_mean": 2.5}
+
+
+def test_kl_vs_k_figure_has_bands_log_axis_random_curve_and_compression_labels():
+    fig = kl_vs_k_figure(_sweep())
+    assert fig.layout.xaxis.type == "log"
+    bands = [t for t in fig.data if t.fill == "toself"]
+    assert len(bands) == 3                                           # fap, random, random-from-active
+    fap_band = next(t for t in bands if t.legendgroup == "fap")
+    assert list(fap_band.x) == [50, 100, 100, 50]                  # upper edge out, lower edge back
+    assert list(fap_band.y) == pytest.approx([1.4, 1.2, 1.0, 1.2])
+    fap = next(t for t in fig.data if t.name == "fap")
+    assert list(fap.text) == ["20.0×", "40.0×"]
+    curve = next(t for t in fig.data if t.name == "random-from-active")
+    assert curve.line.dash == "dash" and list(curve.x) == [50, 4000]
+    assert not any(t.name == "random-from-active" for t in kl_vs_k_figure(_sweep(), show_random_curve=False).data)
+    rows = compression_rows(_sweep())
+    assert rows[1] == {"method": "fap", "k": 100, "kl_mean": 1.1, "effective_compression": 40.0}
+    assert rows[3]["effective_compression"] is None
+
+
+def test_compare_shared_unique_features_and_per_prompt_kl():
+    a = {"id": 1, "method": "fap", "k": 2, "task": "ioi",
+         "features": [{"layer": 0, "feature": 1, "n_prompts": 2}, {"layer": 1, "feature": 2, "n_prompts": 1}],
+         "prompts": [{"index": 0, "kl_last": 1.0}, {"index": 1, "kl_last": 2.0}]}
+    b = {"id": 2, "method": "random", "k": 2, "task": "ioi",
+         "features": [{"layer": 0, "feature": 1, "n_prompts": 1}, {"layer": 2, "feature": 0, "n_prompts": 2}],
+         "prompts": [{"index": 1, "kl_last": 1.5}, {"index": 2, "kl_last": 0.1}]}
+    sets = feature_sets(a, b)
+    assert sets["shared"] == [{"layer": 0, "feature": 1, "n_prompts_a": 2, "n_prompts_b": 1}]
+    assert [(r["layer"], r["feature"]) for r in sets["only_a"]] == [(1, 2)]
+    assert [(r["layer"], r["feature"]) for r in sets["only_b"]] == [(2, 0)]
+    assert jaccard(sets) == pytest.approx(1 / 3)
+    assert kl_pairs(a, b) == [{"prompt": 1, "kl_a": 2.0, "kl_b": 1.5, "diff": -0.5}]
+    assert list(kl_difference_figure(a, b).data[0].y) == [-0.5]
+
+
+def test_feature_views_render_statistics_as_text_or_say_not_harvested():
+    assert histogram_figure({}) is None
+    stats = {"histogram": {"edges": [0.0, 1.0, 2.0], "counts": [10, 3]}, "density": 0.01,
+             "logit_lens": {"top": [["<b>x", 2.0]], "bottom": [["y", -1.0]]}}
+    bars = histogram_figure(stats).data[0]
+    assert list(bars.x) == [0.5, 1.5] and list(bars.y) == [10, 3]
+    view = examples_view([{"tokens": [XSS, "b"], "activations": [2.0, 0.0], "max_activation": 2.0, "quantile": 0.9}])
+    spans = view.children[0].children[1].children
+    assert spans[0].children == XSS and "1.00" in spans[0].style["backgroundColor"]
+    assert "0.00" in spans[1].style["backgroundColor"]
+    assert "not harvested yet" in examples_view([]).children
+    assert "not harvested yet" in logit_lens_view({}).children
+    scores = [{"id": 1, "metric": "clarity", "value": 0.5, "rater": "offline", "created_at": "2024-01-01"},
+              {"id": 2, "metric": "clarity", "value": 0.7, "rater": "offline", "created_at": "2024-01-02"}]
+    assert score_summary(scores) == "clarity 0.7 (offline)"
+
+
+def test_job_form_requests():
+    assert parse_budgets("50, 100 200") == [50, 100, 200]
+    for bad in ("", "0", "ten"):
+        with pytest.raises(ValueError):
+            parse_budgets(bad)
+    base = {"model": "m", "transcoder": "m/clt", "task": "ioi", "n": 8}
+    prunes = job_requests("prune", base, ["fap", "random"], [2, 4])
+    assert [(j["params"]["method"], j["params"]["k"]) for j in prunes] == [("fap", 2), ("fap", 4), ("random", 2),
+                                                                          ("random", 4)]
+    assert job_requests("sweep", base, ["fap"], [2, 4]) == [
+        {"kind": "sweep", "params": {**base, "methods": ["fap"], "ks": [2, 4]}}]
+
+
+# ------------------------------------------------------------------------------ the app in Chromium
+
+def _wait(driver, condition, timeout: float = 30.0):  # noqa: F811
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.support.ui import WebDriverWait
+    return WebDriverWait(driver, timeout, poll_frequency=0.1,
+                         ignored_exceptions=(StaleElementReferenceException,)).until(condition)
+
+
+def _css(selector: str):
+    from selenium.webdriver.common.by import By
+
+    def find(driver):  # noqa: F811
+        found = driver.find_elements(By.CSS_SELECTOR, selector)
+        return found[0] if found and found[0].is_displayed() else False
+    return find
+
+
+def _text_in(selector: str, text: str):
+    from selenium.webdriver.common.by import By
+
+    def find(driver):  # noqa: F811
+        return any(text in e.text for e in driver.find_elements(By.CSS_SELECTOR, selector))
+    return find
+
+
+def _screenshot(driver, name: str) -> None:  # noqa: F811
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    driver.save_screenshot(str(SCREENSHOTS / f"{name}.png"))
+
+
+def _open(driver, stack, path: str, ready: str) -> None:  # noqa: F811
+    severe_console_entries(driver)  # drain what earlier pages left
+    driver.get(stack.dash_url + path)
+    _wait(driver, _css(ready))
+
+
+def _a_feature_id(stack) -> int:
+    return stack.api.get("/api/features").json()["items"][0]["id"]
+
+
+def test_every_page_loads_without_console_errors(dash_stack, driver):  # noqa: F811
+    feature_id = _a_feature_id(dash_stack)
+    pages = [("circuits", "/", "#circuits-list"),
+             ("circuit", f"/circuit?id={dash_stack.circuit_id}", "#circuit-graph .scatterlayer .trace"),
+             ("circuit_prompt", f"/circuit?id={dash_stack.circuit_id}&prompt=0", "#circuit-graph .xtick"),
+             ("kl_vs_k", f"/sweep?id={dash_stack.sweep_id}", "#sweep-figure .scatterlayer .trace"),
+             ("compare", f"/compare?a={dash_stack.circuit_id}", "#compare-kl .main-svg"),
+             ("feature", f"/feature?id={feature_id}", "#feature-explanations .pie-note"),
+             ("jobs", "/jobs", "#jobs-recent")]
+    for name, path, ready in pages:
+        _open(driver, dash_stack, path, ready)
+        time.sleep(0.5)  # let the remaining callbacks of the page settle before reading the console
+        _screenshot(driver, name)
+        assert severe_console_entries(driver) == [], name
+        assert not driver.find_elements("css selector", ".pie-note-error"), name
+
+
+def test_clicking_a_graph_node_shows_its_feature(dash_stack, driver):  # noqa: F811
+    from selenium.webdriver.common.action_chains import ActionChains
+    _open(driver, dash_stack, f"/circuit?id={dash_stack.circuit_id}&prompt=0", "#circuit-graph .scatterlayer .trace")
+    index = driver.execute_script(
+        "const gd = document.querySelector('#circuit-graph .js-plotly-plot');"
+        "return gd.data.findIndex(t => t.name === 'feature');")
+    assert index >= 0
+    traces = driver.find_elements("css selector", "#circuit-graph .scatterlayer .trace")
+    point = traces[index].find_elements("css selector", "path.point")[0]
+    expected = driver.execute_script(
+        "const gd = document.querySelector('#circuit-graph .js-plotly-plot');"
+        f"return gd.data[{index}].customdata[0];")
+    ActionChains(driver).move_to_element(point).pause(0.3).click().perform()
+    title = f"Feature L{expected[2]} #{expected[3]}"
+    _wait(driver, _text_in("#circuit-feature-title", title))
+    _screenshot(driver, "circuit_feature_panel")
+    href = driver.find_element("css selector", "#circuit-feature-link").get_attribute("href")
+    found = dash_stack.api.get("/api/features/lookup", params={"transcoder": "tiny-llama/clt", "layer": expected[2],
+                                                               "index": expected[3]}).json()
+    assert href.endswith(f"/feature?id={found['id']}")
+    assert severe_console_entries(driver) == []
+
+
+def _choose(driver, dropdown_id: str, option_text: str) -> None:  # noqa: F811
+    """Pick an option of a dcc.Dropdown by the start of its label."""
+    from selenium.webdriver.common.by import By
+    driver.find_element(By.CSS_SELECTOR, f"#{dropdown_id}").click()
+    option = _wait(driver, lambda d: next((o for o in d.find_elements(By.CSS_SELECTOR, "[role=option]")
+                                           if o.text.startswith(option_text) and o.is_displayed()), False))
+    option.click()
+
+
+def test_annotation_form_saves_through_the_api(dash_stack, driver):  # noqa: F811
+    feature_id = dash_stack.api.get("/api/features").json()["items"][1]["id"]
+    _open(driver, dash_stack, f"/feature?id={feature_id}", "#feature-explanations .pie-note")
+    driver.find_element("css selector", "#feature-expl-text").send_keys("fires on the indirect object's name")
+    driver.find_element("css selector", "#feature-author").send_keys("tester")
+    driver.find_element("css selector", "#feature-expl-save").click()
+    _wait(driver, _text_in("#feature-explanations", "fires on the indirect object's name"))
+    explanation = dash_stack.api.get(f"/api/features/{feature_id}/explanations").json()[0]
+    assert (explanation["text"], explanation["source"], explanation["author"]) == (
+        "fires on the indirect object's name", "human", "tester")
+
+    _choose(driver, "feature-ann-target", f"#{explanation['id']}")
+    driver.find_element("css selector", "#feature-ann-rating input[value='2']").click()
+    driver.find_element("css selector", "#feature-ann-label").send_keys("io-name")
+    driver.find_element("css selector", "#feature-ann-comment").send_keys("clear on every example")
+    driver.find_element("css selector", "#feature-ann-save").click()
+    _wait(driver, _text_in("#feature-explanations", "label: io-name"))
+    _screenshot(driver, "feature_annotated")
+    saved = dash_stack.api.get(f"/api/explanations/{explanation['id']}/annotations").json()
+    assert [(a["rating"], a["label"], a["comment"], a["author"]) for a in saved] == [
+        (2, "io-name", "clear on every example", "tester")]
+    assert severe_console_entries(driver) == []
+
+
+def test_launching_a_job_shows_progress_reaching_100(dash_stack, driver):  # noqa: F811
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    _open(driver, dash_stack, "/jobs", "#jobs-recent")
+    _wait(driver, lambda d: "tiny-llama/clt" in d.find_element(By.CSS_SELECTOR, "#jobs-transcoder").text)
+    for field, value in (("#jobs-n", "2"), ("#jobs-ks", "3")):
+        box = driver.find_element(By.CSS_SELECTOR, field)
+        box.send_keys(Keys.CONTROL, "a")
+        box.send_keys(Keys.BACKSPACE)
+        box.send_keys(value)
+        _wait(driver, lambda d, box=box, value=value: box.get_attribute("value") == value)
+    driver.find_element(By.CSS_SELECTOR, "#jobs-submit").click()
+    _wait(driver, _css("#jobs-launched-list"))
+    _wait(driver, _text_in("#jobs-launched-list", "100%"), timeout=240)
+    _wait(driver, _text_in("#jobs-launched-list", "circuit #"))
+    _screenshot(driver, "jobs_done")
+    jobs = dash_stack.api.get("/api/jobs", params={"kind": "prune"}).json()["items"]
+    launched = next(j for j in jobs if j["params"]["n"] == 2 and j["params"]["k"] == 3)
+    assert launched["status"] == "done" and launched["progress"] == 1.0 and launched["params"]["task"] == "ioi"
+    link = driver.find_element(By.CSS_SELECTOR, "#jobs-launched-list a").get_attribute("href")
+    assert link.endswith(f"/circuit?id={launched['circuit_id']}")
+    assert severe_console_entries(driver) == []
+
+
+def test_user_text_is_rendered_as_text_and_never_executed(dash_stack, driver):  # noqa: F811
+    from selenium.webdriver.common.by import By
+    feature_id = dash_stack.api.get("/api/features").json()["items"][2]["id"]
+    created = dash_stack.api.post(f"/api/features/{feature_id}/explanations", json={"text": XSS, "author": XSS})
+    assert created.status_code == 201, created.text
+    dash_stack.api.post(f"/api/explanations/{created.json()['id']}/annotations", json={"label": XSS, "comment": XSS})
+    _open(driver, dash_stack, f"/feature?id={feature_id}", ".pie-explanation-text")
+    texts = [e.text for e in driver.find_elements(By.CSS_SELECTOR, ".pie-explanation-text")]
+    assert XSS in texts
+    assert _text_in("#feature-explanations", f"label: {XSS}")(driver)
+    assert not driver.find_elements(By.CSS_SELECTOR, "#feature-explanations img, #feature-explanations script")
+    assert driver.execute_script("return window.__xss") is None
+    _screenshot(driver, "feature_xss_as_text")
+
+
+def test_compute_graph_button_runs_a_graph_job_and_draws_it(dash_stack, driver):  # noqa: F811
+    import httpx
+    from selenium.webdriver.common.by import By
+
+    from tests.browser import DATASET, run_job
+    job = run_job(dash_stack.api, "prune", {**DATASET, "n": 2, "method": "fap", "k": 2, "batch_size": 2})
+    _open(driver, dash_stack, f"/circuit?id={job['circuit_id']}", "#circuit-compute")
+    assert _text_in("#circuit-graph-note", "no graph computed yet")(driver)
+    driver.find_element(By.CSS_SELECTOR, "#circuit-compute").click()
+    _wait(driver, _css("#circuit-graph .scatterlayer .trace"), timeout=240)
+    assert _text_in("#circuit-job-status", "100%")(driver)
+    assert dash_stack.api.get(f"/api/circuits/{job['circuit_id']}").json()["graph_keys"] == ["all"]
+    href = driver.find_element(By.CSS_SELECTOR, "#circuit-export").get_attribute("href")
+    exported = httpx.get(href, timeout=30).json()
+    assert {"metadata", "qParams", "nodes", "links"} <= set(exported)
+    assert severe_console_entries(driver) == []
