@@ -222,3 +222,22 @@ def test_synergy_rewards_a_pair_that_acts_together(setup):
     # The cached effects are the same exact numbers the test computed.
     cache = ctx.cache["single"]
     torch.testing.assert_close(cache[c], singles[1 + best])
+
+
+def test_exact_effects_agree_with_the_evaluator(setup):
+    """Single and pair effects (sparse per-variant patches, chunks cut to each prompt's length)
+    equal M(clean) - M(circuit) from the evaluator's dense removal patches."""
+    ctx = _ctx(setup)
+    occ = ctx.occ
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randperm(len(occ), generator=g)[:6]
+    singles = ctx.single_effects(ids)
+    others = torch.stack([torch.nonzero(occ.prompt == occ.prompt[i], as_tuple=True)[0][0] for i in ids])
+    pairs = ctx.attributor.pair_effects(ctx.runs, ids, others)
+    for i, o, s1, s2 in zip(ids.tolist(), others.tolist(), singles.tolist(), pairs.tolist()):
+        b = int(occ.prompt[i])
+        for removed, effect in (([i], s1), ([i, o], s2)):
+            kept = torch.ones(len(occ), dtype=torch.bool)
+            kept[removed] = False
+            m = ctx.evaluator.evaluate(ctx.runs, [kept])[0].m_circuit[b]
+            assert effect == pytest.approx(float(ctx.runs.clean_metric[b] - m), rel=1e-4, abs=1e-5)

@@ -47,6 +47,8 @@ class PromptRuns:
     clean_metric: Tensor
     clean_hidden: Tensor | None
     m_none: Tensor | None = None  # M with every occurrence removed, once evaluated
+    none_kl: Tensor | None = None  # KL(clean || every occurrence removed), from the same forward
+    all_writes: Tensor | None = None  # [L, B, T, d] sum of every Delta-write, once needed
     counters: dict[str, int] = field(default_factory=lambda: {"patched_forwards": 0})
 
     def __len__(self) -> int:
@@ -118,21 +120,28 @@ class Attributor:
         """M of clean prompts with sets of occurrences removed, many sets per forward: [V].
 
         variant_prompt: [V] the prompt (batch row) of each variant; (variant, members): [m] pairs
-        saying which occurrences each variant removes. Variants run max_rows at a time.
+        saying which occurrences each variant removes. Variants run max_rows at a time, shortest
+        prompts together, each chunk cut to its longest prompt (no forward over padding).
         """
         out = torch.empty(len(variant_prompt), device=self.device)
-        T = runs.occ.seq_len
-        order = torch.argsort(variant, stable=True)
-        variant, members = variant[order], members[order]
-        bounds = torch.searchsorted(variant, torch.arange(len(variant_prompt) + 1, device=variant.device))
-        for start in range(0, len(variant_prompt), self.max_rows):
-            stop = min(start + self.max_rows, len(variant_prompt))
+        length = runs.batch.last_pos[variant_prompt] + 1
+        order = torch.argsort(length, stable=True)                  # variants, shortest prompts first
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(len(order), device=order.device)
+        member_rank = rank[variant]                                 # memberships by their variant's rank
+        by_rank = torch.argsort(member_rank, stable=True)
+        member_rank, members = member_rank[by_rank], members[by_rank]
+        bounds = torch.searchsorted(member_rank, torch.arange(len(order) + 1, device=order.device))
+        for start in range(0, len(order), self.max_rows):
+            stop = min(start + self.max_rows, len(order))
+            chunk = order[start:stop]
+            width = int(length[chunk].max())
             lo, hi = int(bounds[start]), int(bounds[stop])
-            patch = variant_patch(self.tc, runs.occ, variant[lo:hi] - start, members[lo:hi], T)
-            rows = batch_rows(runs.batch, variant_prompt[start:stop])
-            logits = self.adapter.run(rows.clean_ids, rows.attention_mask, last_pos=rows.last_pos,
-                                      patch=patch).logits
-            out[start:stop] = metric(logits, rows)
+            patch = variant_patch(self.tc, runs.occ, member_rank[lo:hi] - start, members[lo:hi], width)
+            rows = batch_rows(runs.batch, variant_prompt[chunk])
+            logits = self.adapter.run(rows.clean_ids[:, :width], rows.attention_mask[:, :width],
+                                      last_pos=rows.last_pos, patch=patch).logits
+            out[chunk] = metric(logits, rows)
             runs.counters["patched_forwards"] += stop - start
         return out
 

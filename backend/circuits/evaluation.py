@@ -50,16 +50,37 @@ class Evaluator:
         self.attr = attributor
         self.unembed_rows = unembed_rows  # prompts per chunk for the all-token KL ([rows, T, V])
 
-    def _forward(self, runs: PromptRuns, removed: list[Tensor], all_token: bool) -> list[tuple[Tensor, Tensor | None]]:
-        """(last logits [B, V], all-token KL [B] or None) for each removal mask, batched."""
+    def removal_patch(self, runs: PromptRuns, kept: Tensor, complement: bool = False) -> Tensor:
+        """The patch [L, B, T, d] that subtracts the Delta-writes of every occurrence not kept.
+
+        sum over removed = D_all - D_kept, with D_all computed once per batch; so a patch costs
+        in proportion to the kept set (K per prompt), not to the ~10^4 removed occurrences.
+        ``complement`` keeps the complement instead (the patch is then -D_kept). Keeping every
+        occurrence gives an exactly zero patch.
+        """
+        tc, occ = self.attr.tc, runs.occ
+        if bool(kept.all()):
+            return torch.zeros(tc.n_layers, occ.n_prompts, occ.seq_len, tc.d_model, dtype=tc.dtype,
+                               device=kept.device) if not complement else -self._all_writes(runs)
+        d_kept = delta_write_patch(tc, occ, kept, scale=1.0)
+        return -d_kept if complement else d_kept - self._all_writes(runs)
+
+    def _all_writes(self, runs: PromptRuns) -> Tensor:
+        if runs.all_writes is None:
+            everything = torch.ones(len(runs.occ), dtype=torch.bool, device=runs.fap.device)
+            runs.all_writes = delta_write_patch(self.attr.tc, runs.occ, everything, scale=1.0)
+        return runs.all_writes
+
+    def _forward(self, runs: PromptRuns, patches: list[Tensor], all_token: bool) -> list[tuple[Tensor, Tensor | None]]:
+        """(last logits [B, V], all-token KL [B] or None) for each patch, several per forward."""
         B = len(runs)
         per_forward = max(1, self.attr.max_rows // B)
         results: list[tuple[Tensor, Tensor | None]] = []
         adapter, batch = self.attr.adapter, runs.batch
-        for start in range(0, len(removed), per_forward):
-            masks = removed[start:start + per_forward]
-            V = len(masks)
-            patch = torch.cat([delta_write_patch(self.attr.tc, runs.occ, m) for m in masks], dim=1)
+        for start in range(0, len(patches), per_forward):
+            chunk = patches[start:start + per_forward]
+            V = len(chunk)
+            patch = torch.cat(chunk, dim=1)
             rep = lambda t: t.repeat(V, *([1] * (t.dim() - 1)))  # noqa: E731
             out = adapter.run(rep(batch.clean_ids), rep(batch.attention_mask), last_pos=rep(batch.last_pos),
                               patch=patch, logits_at="none" if all_token else "last")
@@ -91,9 +112,10 @@ class Evaluator:
     def m_none(self, runs: PromptRuns) -> Tensor:
         """M with every occurrence removed (all Delta-writes subtracted): [B]."""
         if runs.m_none is None:
-            removed = torch.ones(len(runs.occ), dtype=torch.bool, device=runs.fap.device)
-            logits, _ = self._forward(runs, [removed], all_token=False)[0]
+            none = torch.zeros(len(runs.occ), dtype=torch.bool, device=runs.fap.device)
+            logits, _ = self._forward(runs, [self.removal_patch(runs, none)], all_token=False)[0]
             runs.m_none = metric(logits, runs.batch)
+            runs.none_kl = kl_divergence(runs.clean_logits, logits)
         return runs.m_none
 
     @torch.no_grad()
@@ -102,9 +124,9 @@ class Evaluator:
         """PIE metrics for each kept mask ([n] bool over runs.occ)."""
         m_none = self.m_none(runs)
         m_clean = runs.clean_metric
-        removed = [~k for k in kept]
-        outs = self._forward(runs, removed, all_token)
-        compl = self._forward(runs, list(kept), False) if completeness else None
+        outs = self._forward(runs, [self.removal_patch(runs, k) for k in kept], all_token)
+        compl = self._forward(runs, [self.removal_patch(runs, k, complement=True) for k in kept],
+                              False) if completeness else None
         results = []
         for i, (logits, kl_all) in enumerate(outs):
             m_circuit = metric(logits, runs.batch)

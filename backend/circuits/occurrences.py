@@ -16,10 +16,6 @@ from torch import Tensor
 from backend.models.adapters import SparsePatch
 from backend.models.transcoder import Transcoder
 
-# Occurrences per decoder read/product: bounds the [chunk, L-l, d] temporaries (~100 MB).
-CHUNK = 4096
-
-
 @dataclass
 class Occurrences:
     """Every occurrence of a batch, as flat tensors of length n sorted by (prompt, layer, pos, feature).
@@ -63,39 +59,32 @@ def collect_occurrences(acts_clean: Tensor, acts_corrupted: Tensor, valid: Tenso
                        delta=delta[l, b, p, f], n_prompts=B, seq_len=T)
 
 
-def _layer_chunks(occ: Occurrences, select: Tensor | None = None):
-    """Yield (layer, index tensor) chunks of at most CHUNK occurrences from one source layer."""
-    idx_all = torch.arange(len(occ), device=occ.layer.device)
-    if select is not None:
-        idx_all = idx_all[select]
-    layers = occ.layer[idx_all]
-    for layer in torch.unique(layers).tolist():
-        idx = idx_all[layers == layer]
-        for start in range(0, len(idx), CHUNK):
-            yield layer, idx[start:start + CHUNK]
-
-
 def decoder_projection(tc: Transcoder, occ: Occurrences, grads: Tensor) -> Tensor:
     """sum over t >= l of W_dec[l][f, t-l] . grads[t, b, p] for every occurrence: [n].
 
-    grads: [L, B, T, d]. Gathers only the decoder rows and gradient rows each occurrence needs
-    (n * (L-l) * d work), never the dense [B*T, F] x [F, (L-l)*d] product.
+    grads: [L, B, T, d]. Per source layer one GEMM between the distinct (prompt, position) rows
+    and the distinct active features, [R, n_t*d] x [n_t*d, U] (each decoder row is read once,
+    not once per occurrence), then the occurrences' entries are picked out of [R, U].
     """
     L, B, T, d = grads.shape
     flat = grads.reshape(L, B * T, d)
     out = torch.zeros(len(occ), dtype=grads.dtype, device=grads.device)
     rows = occ.row
-    for layer, idx in _layer_chunks(occ):
-        dec = tc.decoder_rows(layer, occ.feature[idx]).to(grads.dtype)           # [c, n_t, d]
-        targets = list(tc.targets(layer))
-        g = flat[targets[0]:targets[-1] + 1, rows[idx]].transpose(0, 1)         # [c, n_t, d]
-        out[idx] = torch.einsum("ctd,ctd->c", dec, g)
+    for layer in torch.unique(occ.layer).tolist():
+        idx = torch.nonzero(occ.layer == layer, as_tuple=True)[0]
+        feats, f_inv = torch.unique(occ.feature[idx], return_inverse=True)
+        r_ids, r_inv = torch.unique(rows[idx], return_inverse=True)
+        dec = tc.decoder_rows(layer, feats).to(grads.dtype)                     # [U, n_t, d]
+        n_t = dec.shape[1]
+        g = flat[layer:layer + n_t, r_ids].transpose(0, 1).reshape(len(r_ids), n_t * d)
+        out[idx] = (g @ dec.reshape(len(feats), n_t * d).T)[r_inv, f_inv]       # [R, U] -> [n_l]
     return out
 
 
 def decoder_norms(tc: Transcoder, layer: int, features: Tensor) -> Tensor:
     """Frobenius norm of each feature's decoder rows over all its target layers: [n]."""
-    return tc.decoder_rows(layer, features).flatten(1).norm(dim=-1)
+    feats, inverse = torch.unique(features, return_inverse=True)
+    return tc.decoder_rows(layer, feats).flatten(1).norm(dim=-1)[inverse]
 
 
 def delta_write_patch(tc: Transcoder, occ: Occurrences, select: Tensor, scale: float = -1.0) -> Tensor:

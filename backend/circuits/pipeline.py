@@ -259,8 +259,8 @@ def run_sweep(adapter: ModelAdapter, transcoder: Transcoder, batch: PromptBatch,
 
 
 def _kl_none(evaluator: Evaluator, runs: PromptRuns) -> list[float]:
-    none = torch.zeros(len(runs.occ), dtype=torch.bool, device=runs.fap.device)
-    return evaluator.evaluate(runs, [none])[0].kl_last.tolist()
+    evaluator.m_none(runs)  # its forward also gives the KL with every occurrence removed
+    return runs.none_kl.tolist()
 
 
 def _accumulate(point: _Point, results: list[PromptMetrics]) -> None:
