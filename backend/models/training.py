@@ -285,32 +285,46 @@ def _batch_index(step: int, cfg: TrainConfig, n_tokens: int) -> torch.Tensor:
     return perm[pos * cfg.batch_size:(pos + 1) * cfg.batch_size]
 
 
+class _ReconstructionStats:
+    """Accumulates per-layer FVU, L0 and never-active features over chunks of tokens."""
+
+    def __init__(self, n_layers: int, d_model: int, n_features: int) -> None:
+        L = n_layers
+        self.err = torch.zeros(L, dtype=torch.float64)
+        self.y_sum = torch.zeros(L, d_model, dtype=torch.float64)
+        self.y_sq = torch.zeros(L, dtype=torch.float64)
+        self.l0 = torch.zeros(L, dtype=torch.float64)
+        self.fired = torch.zeros(L, n_features, dtype=torch.bool)
+        self.n = 0
+
+    def add(self, recon: torch.Tensor, y: torch.Tensor, active: torch.Tensor) -> None:
+        """recon, y: [L, B, d]; active: [L, B, F] bool."""
+        self.err += (recon - y).double().pow(2).sum((1, 2))
+        self.y_sum += y.double().sum(1)
+        self.y_sq += y.double().pow(2).sum((1, 2))
+        self.l0 += active.sum((1, 2)).double()
+        self.fired |= active.any(1)
+        self.n += y.shape[1]
+
+    def result(self) -> dict:
+        L = len(self.err)
+        fvu = (self.err / (self.y_sq - self.y_sum.pow(2).sum(-1) / self.n)).tolist()
+        return {"fvu_per_layer": fvu, "mean_fvu": sum(fvu) / L, "l0_per_layer": (self.l0 / self.n).tolist(),
+                "mean_l0": float(self.l0.sum() / self.n / L), "dead_per_layer": (~self.fired).sum(1).tolist(),
+                "dead": int((~self.fired).sum())}
+
+
 @torch.no_grad()
 def _evaluate(model: TopKCLT, store: ActivationStore, norm: Normaliser, chunk: int = 1024) -> dict:
     """Held-out per-layer FVU, L0 and the features never active, for the TopK model."""
-    L = model.n_layers
-    err = torch.zeros(L, dtype=torch.float64)
-    y_sum = torch.zeros(L, store.d_model, dtype=torch.float64)
-    y_sq = torch.zeros(L, dtype=torch.float64)
-    l0 = torch.zeros(L, dtype=torch.float64)
-    fired = torch.zeros(L, model.n_features, dtype=torch.bool)
-    n = 0
+    acc = _ReconstructionStats(model.n_layers, store.d_model, model.n_features)
     for x, y in store.chunks(chunk):
         xn, yn = norm.apply(x, y)
         recon, codes = model(xn)
-        err += (recon - yn).double().pow(2).sum((1, 2))
-        y_sum += yn.double().sum(1)
-        y_sq += yn.double().pow(2).sum((1, 2))
-        for l, (idx, vals) in enumerate(codes):
-            active = vals > 0
-            l0[l] += active.sum()
-            fired[l, idx[active]] = True
-        n += x.shape[1]
-    var = y_sq - y_sum.pow(2).sum(-1) / n
-    fvu = (err / var).tolist()
-    return {"fvu_per_layer": fvu, "mean_fvu": sum(fvu) / L, "l0_per_layer": (l0 / n).tolist(),
-            "mean_l0": float(l0.sum() / n / L), "dead_per_layer": (~fired).sum(1).tolist(),
-            "dead": int((~fired).sum())}
+        active = torch.stack([torch.zeros(x.shape[1], model.n_features, dtype=torch.bool)
+                              .scatter_(1, idx, vals > 0) for idx, vals in codes])
+        acc.add(recon, yn, active)
+    return acc.result()
 
 
 def calibrate_thresholds(model: TopKCLT, store: ActivationStore, norm: Normaliser,
@@ -367,27 +381,11 @@ def export_transcoder(model: TopKCLT, norm: Normaliser, activation: str, model_n
 @torch.no_grad()
 def evaluate_transcoder(tc: Transcoder, store: ActivationStore, chunk: int = 1024) -> dict:
     """Per-layer FVU of `mlp_out`, L0 and never-active features of a Transcoder on a store."""
-    L = tc.n_layers
-    err = torch.zeros(L, dtype=torch.float64)
-    y_sum = torch.zeros(L, tc.d_model, dtype=torch.float64)
-    y_sq = torch.zeros(L, dtype=torch.float64)
-    l0 = torch.zeros(L, dtype=torch.float64)
-    fired = torch.zeros(L, tc.n_features, dtype=torch.bool)
-    n = 0
+    acc = _ReconstructionStats(tc.n_layers, tc.d_model, tc.n_features)
     for x, y in store.chunks(chunk):
         acts = tc.encode(x)
-        recon = tc.decode(acts)
-        err += (recon - y).double().pow(2).sum((1, 2))
-        y_sum += y.double().sum(1)
-        y_sq += y.double().pow(2).sum((1, 2))
-        active = acts != 0
-        l0 += active.sum((1, 2)).double()
-        fired |= active.any(1)
-        n += x.shape[1]
-    fvu = (err / (y_sq - y_sum.pow(2).sum(-1) / n)).tolist()
-    return {"fvu_per_layer": fvu, "mean_fvu": sum(fvu) / L, "l0_per_layer": (l0 / n).tolist(),
-            "mean_l0": float(l0.sum() / n / L), "dead_per_layer": (~fired).sum(1).tolist(),
-            "dead": int((~fired).sum())}
+        acc.add(tc.decode(acts), y, acts != 0)
+    return acc.result()
 
 
 def _save_checkpoint(path: Path, payload: dict) -> None:
