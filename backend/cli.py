@@ -348,6 +348,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", type=int, default=20, help="IOI prompts to show")
     p.add_argument("--no-serve", action="store_true",
                    help="only prepare the model and its CLT; start no servers")
+
+    from backend.interp import cli_commands  # `explain` and `score` live with the interpretation code
+    cli_commands.add_parsers(sub)
+    COMMANDS.update(cli_commands.COMMANDS)
     return parser
 
 

@@ -399,7 +399,7 @@ def run_explain(context: JobContext, params: ExplainParams, store, progress: Pro
     cost = {"explainer": f"{explainer.source}:{explainer.model}", "explain_calls": report.calls,
             "explain_tokens": report.tokens, "explained_features": report.explained + report.reused,
             "active_features": active,
-            "calls_if_all_active": round(active * per_feature, 2)}
+            "calls_if_all_active": round(active * per_feature)}
     say(1.0, f"explained {report.explained} features ({len(report.errors)} errors)")
     return JobOutput({"report": asdict(report), "cost": cost}, [])
 
@@ -429,5 +429,5 @@ def run_score(context: JobContext, params: ScoreParams, store, progress: Progres
     per_feature = report.calls / report.scored if report.scored else 0.0
     cost = {"rater": rater.name, "score_calls": report.calls, "score_tokens": report.tokens,
             "scored_features": report.scored,
-            "score_calls_if_all_active": None if active is None else round(active * per_feature, 2)}
+            "score_calls_if_all_active": None if active is None else round(active * per_feature)}
     return JobOutput({"report": asdict(report), "cost": cost}, [])

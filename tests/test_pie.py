@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from backend.circuits.attribution import Attributor
-from backend.circuits.evaluation import Evaluator
+from backend.circuits.evaluation import Evaluator, kl_divergence
 from backend.circuits.occurrences import delta_write_patch
 from backend.circuits.pipeline import PruneConfig, SweepConfig, run_prune, run_sweep
 from backend.circuits.selection import METHODS, SelectionContext
@@ -41,6 +41,13 @@ def test_keeping_every_occurrence_gives_kl_zero(setup, method):
     assert float(result.kl_all.max()) < 1e-6
     assert not bool(result.pred_changed.any())
     torch.testing.assert_close(result.faithfulness, torch.ones_like(result.faithfulness))
+    # The evaluator skips that forward; the patch it would apply is exactly zero and changes nothing.
+    patch = ctx.evaluator.removal_patch(ctx.runs, kept)
+    assert not bool(patch.any())
+    b = ctx.runs.batch
+    with torch.no_grad():
+        logits = setup.adapter.run(b.clean_ids, b.attention_mask, last_pos=b.last_pos, patch=patch).logits
+    assert float(kl_divergence(ctx.runs.clean_logits, logits).max()) < 1e-6
 
 
 def test_keeping_none_equals_subtracting_every_delta_write(setup):

@@ -129,10 +129,41 @@ def _store_graph(settings, session, params: job_functions.GraphParams, output) -
     return {"circuit_id": params.circuit_id}
 
 
+def _check_interp(settings: Settings, session: Session, params: Any) -> None:
+    """The circuit exists and kept features; an LLM explainer/rater needs a configured endpoint."""
+    row = queries.get_circuit(session, params.circuit_id)
+    if not row.features:
+        raise UserError(f"circuit {row.id} kept no features to interpret")
+    uses_llm = (params.explainer == "llm" if isinstance(params, job_functions.ExplainParams)
+                else params.rater == "llm")  # a ScoreParams' `explainer` only picks which explanations
+    if uses_llm:
+        from backend.interp.llm import LLMConfig
+        LLMConfig.from_settings(settings)
+
+
+def _run_explain(context, sessions, params: job_functions.ExplainParams, progress):
+    from backend.interp.store import InterpStore
+    return job_functions.run_explain(context, params, InterpStore(sessions), progress)
+
+
+def _run_score(context, sessions, params: job_functions.ScoreParams, progress):
+    from backend.interp.store import InterpStore
+    return job_functions.run_score(context, params, InterpStore(sessions), progress)
+
+
+def _store_interp(settings, session, params, output) -> dict[str, int]:
+    """Statistics, examples, explanations and scores were stored as they came; the cost goes on the circuit."""
+    from backend.interp.store import add_circuit_cost
+    add_circuit_cost(session, params.circuit_id, output.result["cost"])
+    return {"circuit_id": params.circuit_id}
+
+
 PIE_KINDS: dict[str, JobKind] = {
     "prune": JobKind(job_functions.PruneParams, _check_pie, _run_prune, _store_prune, job_functions.normalise),
     "sweep": JobKind(job_functions.SweepParams, _check_pie, _run_sweep, _store_sweep, job_functions.normalise),
     "graph": JobKind(job_functions.GraphParams, _check_graph, _run_graph, _store_graph),
+    "explain": JobKind(job_functions.ExplainParams, _check_interp, _run_explain, _store_interp),
+    "score": JobKind(job_functions.ScoreParams, _check_interp, _run_score, _store_interp),
 }
 
 

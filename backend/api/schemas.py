@@ -12,7 +12,7 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from backend.jobs import GraphParams, PruneParams, SweepParams
+from backend.jobs import ExplainParams, GraphParams, PruneParams, ScoreParams, SweepParams
 
 T = TypeVar("T")
 MAX_TEXT = 20_000
@@ -48,7 +48,20 @@ class GraphJobCreate(BaseModel):
     params: GraphParams
 
 
-JobCreate = Annotated[PruneJobCreate | SweepJobCreate | GraphJobCreate, Field(discriminator="kind")]
+class ExplainJobCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["explain"]
+    params: ExplainParams
+
+
+class ScoreJobCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["score"]
+    params: ScoreParams
+
+
+JobCreate = Annotated[PruneJobCreate | SweepJobCreate | GraphJobCreate | ExplainJobCreate | ScoreJobCreate,
+                      Field(discriminator="kind")]
 
 
 class JobOut(BaseModel):
@@ -138,6 +151,7 @@ class ExampleOut(BaseModel):
     tokens: list[Any]
     activations: list[float]
     max_activation: float
+    quantile: int | None = None
     source: str
 
 

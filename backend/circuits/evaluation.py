@@ -124,7 +124,11 @@ class Evaluator:
         """PIE metrics for each kept mask ([n] bool over runs.occ)."""
         m_none = self.m_none(runs)
         m_clean = runs.clean_metric
-        outs = self._forward(runs, [self.removal_patch(runs, k) for k in kept], all_token)
+        # Keeping everything is the clean run by construction (the patch is exactly zero): no forward.
+        partial = [k for k in kept if not bool(k.all())]
+        ran = iter(self._forward(runs, [self.removal_patch(runs, k) for k in partial], all_token))
+        zero_kl = torch.zeros(len(runs), device=m_clean.device)
+        outs = [(runs.clean_logits, zero_kl if all_token else None) if bool(k.all()) else next(ran) for k in kept]
         compl = self._forward(runs, [self.removal_patch(runs, k, complement=True) for k in kept],
                               False) if completeness else None
         results = []

@@ -241,7 +241,9 @@ def run_sweep(adapter: ModelAdapter, transcoder: Transcoder, batch: PromptBatch,
         if config.random_curve:
             kept_runs.append(runs)
     rows = [_row(name, k, points[(name, k)], config.seed) for name in config.methods for k in ks]
-    random_curve = _random_curve(attr, evaluator, kept_runs, ks, config, progress) if config.random_curve else []
+    # The curve reuses the random method's budgets when the sweep has them (same seeds, same prompts).
+    done = {k: points[("random", k)] for k in ks} if "random" in config.methods else {}
+    random_curve = _random_curve(attr, evaluator, kept_runs, ks, config, progress, done) if config.random_curve else []
     progress(1.0, "done")
     per_prompt = {name: {str(k): points[(name, k)].kl for k in ks} for name in config.methods}
     return SweepResult(
@@ -290,15 +292,15 @@ def random_grid(ks: list[int], max_active: int, points: int = 8) -> list[int]:
 
 
 def _random_curve(attr: Attributor, evaluator: Evaluator, all_runs: list[PromptRuns], ks: list[int],
-                  config: SweepConfig, progress: Progress) -> list[SweepRow]:
+                  config: SweepConfig, progress: Progress, done: dict[int, _Point]) -> list[SweepRow]:
     max_active = max(int(r.occ.counts().max()) for r in all_runs)
     grid = random_grid(ks, max_active)
     method = METHODS["random"]
-    points: dict[int, _Point] = defaultdict(_Point)
+    points: dict[int, _Point] = defaultdict(_Point, done)
     for i, runs in enumerate(all_runs):
         progress(0.95 + 0.05 * i / len(all_runs), "random-from-active curve")
         ctx = SelectionContext(runs, attr, evaluator, config.budget, config.seed)
-        for k in grid:
+        for k in (k for k in grid if k not in done):
             t0 = time.perf_counter()
             before = runs.counters["patched_forwards"]
             masks = [method.select(ctx, k, {"seed": s}) for s in range(config.random_seeds)]

@@ -342,11 +342,12 @@ def list_features(session: Session, *, transcoder: str | None = None, layer: int
 
 
 def replace_examples(session: Session, feature: Feature, examples: Sequence[dict[str, Any]]) -> list[Example]:
-    """Replace a feature's top-activation examples (dicts: tokens, activations, source)."""
+    """Replace a feature's top-activation examples (dicts: tokens, activations, quantile, source)."""
     for old in session.scalars(select(Example).where(Example.feature_id == feature.id)):
         session.delete(old)
     rows = [Example(feature_id=feature.id, rank=rank, tokens=list(e["tokens"]), activations=list(e["activations"]),
-                    max_activation=float(max(e["activations"], default=0.0)), source=e.get("source", ""))
+                    max_activation=float(max(e["activations"], default=0.0)), quantile=e.get("quantile"),
+                    source=e.get("source", ""))
             for rank, e in enumerate(examples)]
     session.add_all(rows)
     session.flush()

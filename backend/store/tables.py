@@ -242,6 +242,7 @@ class Example(Base):
     tokens: Mapped[list[Any]]
     activations: Mapped[list[Any]]
     max_activation: Mapped[float]
+    quantile: Mapped[int | None]  # 0 = top-activating; 1..Q = activation-quantile bins, high to low
     source: Mapped[str] = mapped_column(String(200), default="")
 
 

@@ -1,0 +1,63 @@
+"""Screenshots of a running PIEscope dashboard for the README (after `make demo`).
+
+    .venv/bin/python docs/screenshot.py [--dash http://127.0.0.1:8050] [--circuit ID] [--sweep ID]
+
+Writes docs/circuit.png and docs/kl_vs_k.png with headless Chromium (Debian's chromium and
+chromium-driver; `apt-get install -y chromium chromium-driver`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--window-size=1500,1000"]
+
+
+def shoot(url: str, path: Path, wait_for: str, settle: float) -> None:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = "/usr/bin/chromium"
+    for flag in FLAGS:
+        options.add_argument(flag)
+    with tempfile.TemporaryDirectory() as profile:
+        options.add_argument(f"--user-data-dir={profile}")
+        driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+        try:
+            driver.get(url)
+            WebDriverWait(driver, 60).until(ec.presence_of_element_located((By.CSS_SELECTOR, wait_for)))
+            time.sleep(settle)  # let Plotly finish drawing
+            driver.save_screenshot(str(path))
+        finally:
+            driver.quit()
+    print(f"wrote {path}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dash", default="http://127.0.0.1:8050")
+    parser.add_argument("--circuit", type=int, default=1)
+    parser.add_argument("--sweep", type=int, default=1)
+    parser.add_argument("--settle", type=float, default=3.0)
+    args = parser.parse_args()
+    out = ROOT / "docs"
+    shoot(f"{args.dash}/circuit?id={args.circuit}", out / "circuit.png", ".js-plotly-plot .nodes, .js-plotly-plot",
+          args.settle)
+    shoot(f"{args.dash}/sweep?id={args.sweep}", out / "kl_vs_k.png", ".js-plotly-plot", args.settle)
+
+
+if __name__ == "__main__":
+    main()
