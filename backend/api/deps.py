@@ -16,7 +16,8 @@ WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 _bearer = HTTPBearer(auto_error=False, description="PIESCOPE_API_TOKEN; required for writes when set")
 
 
-def get_settings(request: Request) -> Settings:
+# Cheap dependencies are async: a sync one would cost a threadpool hop on every request.
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
@@ -26,11 +27,11 @@ def get_session(request: Request) -> Iterator[Session]:
         yield session
 
 
-def get_executor(request: Request) -> JobExecutor:
+async def get_executor(request: Request) -> JobExecutor:
     return request.app.state.executor
 
 
-def require_write_token(request: Request,
+async def require_write_token(request: Request,
                         credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> None:
     """Writes need `Authorization: Bearer <token>` when PIESCOPE_API_TOKEN is set (401 otherwise)."""
     token = request.app.state.settings.api_token
