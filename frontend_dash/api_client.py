@@ -193,6 +193,15 @@ class ApiClient:
             raise ValueError("annotate needs an explanation_id or a feature_id")
         return self.post(f"/api/features/{int(feature_id)}/annotations", body)
 
+    def rate_example(self, explanation_id: int, label: str, rating: int, author: str = "") -> dict[str, Any]:
+        """A new human rating (0/1/2) of one example for an explanation; `label` is "example:<rank>"."""
+        return self.post(f"/api/explanations/{int(explanation_id)}/annotations",
+                         {"rating": int(rating), "label": label, "author": author, "comment": ""})
+
+    def update_annotation(self, annotation_id: int, **fields: Any) -> dict[str, Any]:
+        """Change an annotation's rating, label or comment (given fields only)."""
+        return self.patch(f"/api/annotations/{int(annotation_id)}", fields)
+
 
 def _detail(response: httpx.Response) -> str:
     """The API's error message: `detail` (a string, or pydantic's list of errors)."""

@@ -148,6 +148,7 @@ class DashStack:
     api: httpx.Client          # authorised client of the API, for seeding and checking
     circuit_id: int
     sweep_id: int
+    settings: Settings         # the API's settings (its database), for seeding what has no endpoint
 
 
 @pytest.fixture(scope="session")
@@ -166,7 +167,7 @@ def dash_stack(tiny_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> It
                                        "batch_size": 2})
         dash_url, stop_dash = start_dash(settings)
         try:
-            yield DashStack(api_url, dash_url, api, prune["circuit_id"], sweep["sweep_id"])
+            yield DashStack(api_url, dash_url, api, prune["circuit_id"], sweep["sweep_id"], settings)
         finally:
             stop_dash()
             api.close()

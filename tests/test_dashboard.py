@@ -12,7 +12,8 @@ import time
 import pytest
 
 from frontend_dash.components.compare import feature_sets, jaccard, kl_difference_figure, kl_pairs
-from frontend_dash.components.feature_views import examples_view, histogram_figure, logit_lens_view, score_summary
+from frontend_dash.components.feature_views import (EXAMPLE_RATING, example_label, example_rank, example_ratings,
+                                                    examples_view, histogram_figure, logit_lens_view, score_summary)
 from frontend_dash.components.graph_figure import (aggregate_figure, clicked_feature, edge_traces, graph_figure,
                                                    layout_prompt_nodes, stored_graphs)
 from frontend_dash.components.job_form import job_requests, parse_budgets
@@ -158,6 +159,26 @@ def test_feature_views_render_statistics_as_text_or_say_not_harvested():
     scores = [{"id": 1, "metric": "clarity", "value": 0.5, "rater": "offline", "created_at": "2024-01-01"},
               {"id": 2, "metric": "clarity", "value": 0.7, "rater": "offline", "created_at": "2024-01-02"}]
     assert score_summary(scores) == "clarity 0.7 (offline)"
+
+
+def test_example_rating_views_key_controls_by_rank_and_pick_the_newest_rating():
+    assert example_label(3) == "example:3"
+    assert example_rank({"label": "example:3", "rating": 0}) == 3
+    assert example_rank({"label": "example:3", "rating": None}) is None       # a note, not a rating
+    assert example_rank({"label": "example:x", "rating": 1}) is None
+    assert example_rank({"label": None, "rating": 2}) is None
+    annotations = [{"id": 7, "label": "example:0", "rating": 1}, {"id": 3, "label": "example:0", "rating": 2},
+                   {"id": 5, "label": "io-name", "rating": 2}, {"id": 9, "label": "example:4", "rating": 0}]
+    ratings = example_ratings(annotations)
+    assert {rank: a["id"] for rank, a in ratings.items()} == {0: 7, 4: 9}     # newest per rank
+    examples = [{"rank": 4, "tokens": [XSS], "activations": [1.0], "max_activation": 1.0},
+                {"rank": 9, "tokens": ["b"], "activations": [0.5], "max_activation": 0.5}]
+    lines = examples_view(examples, rateable=True).children
+    controls = [line.children[0] for line in lines]
+    assert [c.id for c in controls] == [{"type": EXAMPLE_RATING, "rank": 4}, {"type": EXAMPLE_RATING, "rank": 9}]
+    assert [o["value"] for o in controls[0].options] == [0, 1, 2] and controls[0].value is None
+    assert lines[0].children[2].children[0].children == XSS                   # tokens stay text
+    assert not any(getattr(c, "id", None) for c in examples_view(examples).children[0].children)
 
 
 def test_job_form_requests():
@@ -341,4 +362,47 @@ def test_compute_graph_button_runs_a_graph_job_and_draws_it(dash_stack, driver):
     href = driver.find_element(By.CSS_SELECTOR, "#circuit-export").get_attribute("href")
     exported = httpx.get(href, timeout=30).json()
     assert {"metadata", "qParams", "nodes", "links"} <= set(exported)
+    assert severe_console_entries(driver) == []
+
+
+def _seed_rateable_feature(stack) -> int:
+    """A feature of its own (sorted after the others) with two examples, straight into the API's store."""
+    from backend.store import queries
+    from backend.store.db import make_engine, session_factory, transaction
+    from tests.browser import TINY_CLT
+    layer = max(f["layer"] for f in stack.api.get("/api/features").json()["items"])
+    engine = make_engine(stack.settings.database_url)
+    try:
+        with transaction(session_factory(engine)) as s:
+            feature = queries.get_or_create_feature(s, queries.find_transcoder(s, TINY_CLT), layer, 999_999)
+            queries.replace_examples(s, feature, [{"tokens": ["Mary", " went"], "activations": [0.1, 2.0]},
+                                                  {"tokens": [XSS, " home"], "activations": [1.0, 0.0]}])
+            return feature.id
+    finally:
+        engine.dispose()
+
+
+def test_rating_an_example_saves_one_example_annotation_and_rerating_edits_it(dash_stack, driver,  # noqa: F811
+                                                                              tmp_path_factory):
+    from selenium.webdriver.common.by import By
+    feature_id = _seed_rateable_feature(dash_stack)
+    created = dash_stack.api.post(f"/api/features/{feature_id}/explanations", json={"text": "names of people"})
+    assert created.status_code == 201, created.text
+    explanation_id = created.json()["id"]
+    _open(driver, dash_stack, f"/feature?id={feature_id}", ".pie-example[data-rank='0'] input[value='2']")
+    assert _text_in("#feature-rate-caption", "FADE")(driver)
+    _wait(driver, _text_in("#feature-rate-status", "0 of 2 examples rated"))   # rated against the explanation
+
+    def example_annotations():
+        saved = dash_stack.api.get(f"/api/explanations/{explanation_id}/annotations").json()
+        return [(a["label"], a["rating"], a["comment"]) for a in saved if a["label"] == "example:0"]
+
+    for rating in (2, 1):
+        driver.find_element(By.CSS_SELECTOR, f".pie-example[data-rank='0'] input[value='{rating}']").click()
+        _wait(driver, _text_in("#feature-rate-status", f"example 0 rated {rating}"))
+        assert example_annotations() == [("example:0", rating, "")]
+    _screenshot(driver, "feature_example_rated")
+    assert "example:0" not in driver.find_element(By.CSS_SELECTOR, "#feature-explanations").text
+    assert len(dash_stack.api.get(f"/api/explanations/{explanation_id}/annotations").json()) == 1
+    assert driver.execute_script("return window.__xss") is None
     assert severe_console_entries(driver) == []

@@ -4,6 +4,11 @@ Inputs are the API's FeatureDetail JSON pieces: `statistics` ({"histogram": {"ed
 "density", "logit_lens": {"top": [[token, value]], "bottom": [...]}}) and `examples` rows
 ({"tokens", "activations", "max_activation", "quantile"?}). Tokens are text children, shaded by
 activation / max activation; nothing is rendered as HTML.
+
+Human example ratings (the FADE "human" rater): an annotation of an explanation with `rating`
+0/1/2 and `label` "example:<rank>" rates the example of that rank for that explanation;
+`examples_view(..., rateable=True)` puts a 0/1/2 control (id {"type": EXAMPLE_RATING, "rank"})
+next to each example.
 """
 
 from __future__ import annotations
@@ -11,11 +16,15 @@ from __future__ import annotations
 from typing import Any
 
 import plotly.graph_objects as go
-from dash import html
+from dash import dcc, html
 
 from frontend_dash.components.views import fmt, note, table
 
 NOT_HARVESTED = "not harvested yet: run the harvest job for this feature to see examples and statistics"
+EXAMPLE_LABEL = "example:"
+EXAMPLE_RATING = "example-rating"
+RATING_SCALE = ("Rate each example against the chosen explanation: 0 = concept absent, 1 = vague, "
+                "2 = clearly present. These ratings are the FADE \"human\" rater.")
 
 
 def has_statistics(statistics: dict[str, Any] | None) -> bool:
@@ -50,19 +59,56 @@ def shaded_tokens(tokens: list[Any], activations: list[float], top: float) -> li
     return spans
 
 
-def examples_view(examples: list[dict[str, Any]]) -> html.Div:
-    """Top-activating examples, one line each, with max activation and quantile."""
+def example_label(rank: int) -> str:
+    """The annotation label tying a human rating to the example of `rank`."""
+    return f"{EXAMPLE_LABEL}{int(rank)}"
+
+
+def example_rank(annotation: dict[str, Any]) -> int | None:
+    """The example rank an annotation rates ("example:<rank>" with a rating), else None."""
+    label = annotation.get("label") or ""
+    rank = label[len(EXAMPLE_LABEL):]
+    if annotation.get("rating") is None or not label.startswith(EXAMPLE_LABEL) or not rank.isdigit():
+        return None
+    return int(rank)
+
+
+def example_ratings(annotations: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """example rank -> its newest rating annotation (the one FADE uses, and the one to edit)."""
+    out: dict[int, dict[str, Any]] = {}
+    for a in sorted(annotations, key=lambda a: a["id"]):
+        rank = example_rank(a)
+        if rank is not None:
+            out[rank] = a
+    return out
+
+
+def example_rating_control(rank: int, value: int | None = None) -> dcc.RadioItems:
+    """A compact 0/1/2 choice for the example of `rank`."""
+    return dcc.RadioItems(id={"type": EXAMPLE_RATING, "rank": int(rank)}, value=value, inline=True,
+                          options=[{"label": str(v), "value": v, "title": t}
+                                   for v, t in ((0, "0: concept absent"), (1, "1: vague"), (2, "2: clearly present"))],
+                          className="pie-example-rating", inputStyle={"marginLeft": "0.3em"},
+                          style={"display": "inline-block", "marginRight": "0.8em"})
+
+
+def examples_view(examples: list[dict[str, Any]], rateable: bool = False) -> html.Div:
+    """Top-activating examples, one line each, with max activation and quantile (and, when
+    `rateable`, a 0/1/2 rating control keyed by the example's rank)."""
     if not examples:
         return note(NOT_HARVESTED)
     top = max((e.get("max_activation") or 0.0 for e in examples), default=0.0)
     lines = []
-    for e in examples:
+    for i, e in enumerate(examples):
         meta = f"max {fmt(e.get('max_activation'))}"
         if e.get("quantile") is not None:
             meta += f" · quantile {fmt(e['quantile'])}"
-        lines.append(html.Div([html.Span(meta, className="pie-example-meta"),
-                               html.Span(shaded_tokens(e["tokens"], e["activations"], top))],
-                              className="pie-example"))
+        parts = [html.Span(meta, className="pie-example-meta"),
+                 html.Span(shaded_tokens(e["tokens"], e["activations"], top))]
+        rank = int(e.get("rank", i))
+        if rateable:
+            parts.insert(0, example_rating_control(rank))
+        lines.append(html.Div(parts, className="pie-example", **{"data-rank": str(rank)}))
     return html.Div(lines, id="feature-examples")
 
 

@@ -1,5 +1,7 @@
 """Feature: examples, logit lens, histogram, every explanation with its source and FADE scores, and
-annotation (write or edit an explanation; rate one 0/1/2 as FADE raters do; label; comment).
+annotation (write or edit an explanation; rate one 0/1/2 as FADE raters do; label; comment), and
+human ratings of each top-activating example against one explanation (annotations labelled
+"example:<rank>", the FADE "human" rater; re-rating edits the existing annotation).
 
 /feature?id=<feature id>, or /feature?transcoder=<model/dir>&layer=<l>&index=<i>. Everything is
 saved through the API; user text is always rendered as text.
@@ -10,11 +12,12 @@ from __future__ import annotations
 from typing import Any
 
 import dash
-from dash import Input, Output, State, callback, dcc, html, no_update
+from dash import ALL, Input, Output, State, callback, dcc, html, no_update
 
 from frontend_dash.api_client import ApiError, current_client
-from frontend_dash.components.feature_views import (NOT_HARVESTED, examples_view, has_statistics, histogram_figure,
-                                                    logit_lens_view, score_summary)
+from frontend_dash.components.feature_views import (EXAMPLE_RATING, NOT_HARVESTED, RATING_SCALE, example_label,
+                                                    example_rank, example_ratings, examples_view, has_statistics,
+                                                    histogram_figure, logit_lens_view, score_summary)
 from frontend_dash.components.views import error_note, note
 
 
@@ -39,6 +42,7 @@ def layout(id: str | None = None, transcoder: str | None = None, layer: str | No
     except ApiError as err:
         return html.Div([html.H2("Feature"), error_note(err)])
     stats = feature.get("statistics") or {}
+    examples = feature.get("examples") or []
     histogram = histogram_figure(stats)
     return html.Div([
         dcc.Store(id="feature-id", data=feature["id"]),
@@ -48,12 +52,13 @@ def layout(id: str | None = None, transcoder: str | None = None, layer: str | No
         html.Div([
             html.Div([
                 html.H3("Top-activating examples"),
-                examples_view(feature.get("examples") or []),
+                _rating_block(visible=bool(examples)),
+                examples_view(examples, rateable=True),
                 html.H3("Logit lens"),
                 logit_lens_view(stats),
                 dcc.Graph(id="feature-histogram", figure=histogram, config={"displaylogo": False})
                 if histogram is not None else note("no activation histogram (" + NOT_HARVESTED + ")"),
-            ] if (feature.get("examples") or has_statistics(stats)) else [note(NOT_HARVESTED, "warning")],
+            ] if (examples or has_statistics(stats)) else [note(NOT_HARVESTED, "warning"), _rating_block(False)],
                 className="pie-col"),
             html.Div([
                 html.H3("Explanations"),
@@ -66,6 +71,17 @@ def layout(id: str | None = None, transcoder: str | None = None, layer: str | No
             ], className="pie-col pie-form"),
         ], className="pie-row"),
     ])
+
+
+def _rating_block(visible: bool) -> html.Div:
+    """The caption, the explanation the examples are rated against, and the save status (always
+    in the layout, for the callbacks; hidden without examples)."""
+    return html.Div([
+        html.Div(RATING_SCALE, className="pie-meta", id="feature-rate-caption"),
+        dcc.Dropdown(id="feature-rate-target", options=[], value=None, clearable=False,
+                     placeholder="no explanation to rate against yet"),
+        html.Div(id="feature-rate-status"),
+    ], id="feature-rate", style=None if visible else {"display": "none"})
 
 
 def _explanation_form() -> html.Div:
@@ -110,7 +126,7 @@ def _annotation_line(a: dict[str, Any]) -> html.Div:
 
 def _explanation_card(client, e: dict[str, Any]) -> html.Div:
     scores = client.scores(e["id"])
-    annotations = client.explanation_annotations(e["id"])
+    annotations = [a for a in client.explanation_annotations(e["id"]) if example_rank(a) is None]
     return html.Div([
         html.Div(e["text"], className="pie-explanation-text", id={"type": "explanation-text", "id": e["id"]}),
         html.Div(f"#{e['id']} · {e['source']}" + (f" ({e['model']})" if e.get("model") else "")
@@ -126,8 +142,10 @@ def _short(text: str, n: int = 60) -> str:
 
 
 @callback(Output("feature-explanations", "children"), Output("feature-expl-target", "options"),
-          Output("feature-ann-target", "options"), Input("feature-refresh", "data"), State("feature-id", "data"))
-def show_explanations(_refresh: int, feature_id: int):
+          Output("feature-ann-target", "options"), Output("feature-rate-target", "options"),
+          Output("feature-rate-target", "value"), Input("feature-refresh", "data"), State("feature-id", "data"),
+          State("feature-rate-target", "value"))
+def show_explanations(_refresh: int, feature_id: int, rate_target: int | None):
     client = current_client()
     try:
         feature = client.feature(feature_id)
@@ -135,13 +153,70 @@ def show_explanations(_refresh: int, feature_id: int):
         cards = [_explanation_card(client, e) for e in explanations]
         own = client.feature_annotations(feature_id)
     except ApiError as err:
-        return error_note(err), no_update, no_update
+        return error_note(err), no_update, no_update, no_update, no_update
     choices = [{"label": f"#{e['id']} ({e['source']}): {_short(e['text'])}", "value": e["id"]} for e in explanations]
     body = cards or [note("no explanation yet: write the first one below")]
     if own:
         body = body + [html.H4("Notes on the feature"), html.Div([_annotation_line(a) for a in own])]
+    ids = [e["id"] for e in explanations]
+    rate_target = rate_target if rate_target in ids else (ids[0] if ids else None)
     return (html.Div(body), [{"label": "a new explanation", "value": NEW}] + choices,
-            [{"label": "the feature itself", "value": FEATURE_ITSELF}] + choices)
+            [{"label": "the feature itself", "value": FEATURE_ITSELF}] + choices,
+            [{**c, "label": "rate against " + c["label"]} for c in choices], rate_target)
+
+
+def _rated_count(ratings: dict[int, Any], ranks: list[int]) -> str:
+    return f"{sum(r in ratings for r in ranks)} of {len(ranks)} examples rated"
+
+
+@callback(Output({"type": EXAMPLE_RATING, "rank": ALL}, "value"), Output("feature-rate-status", "children"),
+          Input("feature-rate-target", "value"), State({"type": EXAMPLE_RATING, "rank": ALL}, "id"))
+def show_example_ratings(target: int | None, ids: list[dict[str, Any]]):
+    """The stored ratings of the examples for the explanation rated against."""
+    if not ids:
+        return [], None
+    if target is None:
+        return [None] * len(ids), note("write an explanation first, then rate the examples against it")
+    try:
+        ratings = example_ratings(current_client().explanation_annotations(int(target)))
+    except ApiError as err:
+        return [no_update] * len(ids), error_note(err)
+    ranks = [i["rank"] for i in ids]
+    return ([ratings[r]["rating"] if r in ratings else None for r in ranks],
+            html.Div(_rated_count(ratings, ranks), className="pie-meta"))
+
+
+@callback(Output("feature-rate-status", "children", allow_duplicate=True),
+          Input({"type": EXAMPLE_RATING, "rank": ALL}, "value"), State({"type": EXAMPLE_RATING, "rank": ALL}, "id"),
+          State("feature-rate-target", "value"), State("feature-author", "value"), prevent_initial_call=True)
+def save_example_ratings(values: list[int | None], ids: list[dict[str, Any]], target: int | None,
+                         author: str | None):
+    """Store every shown rating that differs from the stored one: a new "example:<rank>" annotation,
+    or an edit of the existing one (so values set by show_example_ratings change nothing)."""
+    chosen = {i["rank"]: v for i, v in zip(ids, values) if v is not None}
+    if not chosen:
+        return no_update
+    if target is None:
+        return note("write an explanation first, then rate the examples against it", "warning")
+    client = current_client()
+    saved = []
+    try:
+        ratings = example_ratings(client.explanation_annotations(int(target)))
+        for rank, value in sorted(chosen.items()):
+            old = ratings.get(rank)
+            if old is not None and old["rating"] == value:
+                continue
+            if old is not None:
+                ratings[rank] = client.update_annotation(old["id"], rating=value)
+            else:
+                ratings[rank] = client.rate_example(int(target), example_label(rank), value, author or "")
+            saved.append(f"example {rank} rated {value}")
+    except ApiError as err:
+        return error_note(err)
+    if not saved:
+        return no_update
+    count = _rated_count(ratings, [i["rank"] for i in ids])
+    return note(f"saved for explanation #{target}: {', '.join(saved)} ({count})")
 
 
 @callback(Output("feature-expl-text", "value"), Input("feature-expl-target", "value"), State("feature-id", "data"),
