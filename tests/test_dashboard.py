@@ -382,8 +382,7 @@ def _seed_rateable_feature(stack) -> int:
         engine.dispose()
 
 
-def test_rating_an_example_saves_one_example_annotation_and_rerating_edits_it(dash_stack, driver,  # noqa: F811
-                                                                              tmp_path_factory):
+def test_rating_an_example_saves_one_example_annotation_and_rerating_edits_it(dash_stack, driver):  # noqa: F811
     from selenium.webdriver.common.by import By
     feature_id = _seed_rateable_feature(dash_stack)
     created = dash_stack.api.post(f"/api/features/{feature_id}/explanations", json={"text": "names of people"})
