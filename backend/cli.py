@@ -206,7 +206,8 @@ def print_sweep(result) -> None:
         comp = result.effective_compression.get(r.method, {}).get(str(r.k))
         rows.append({"method": r.method, "K": r.k, "KL mean": r.kl_mean, "± std": r.kl_std,
                      "95% CI": f"{r.kl_ci95[0]:.3f}-{r.kl_ci95[1]:.3f}", "pred change": r.pred_change_rate,
-                     "faithfulness": r.faithfulness_mean if r.faithfulness_mean is not None else "",
+                     "faithfulness mean": r.faithfulness_mean if r.faithfulness_mean is not None else "",
+                     "median": r.faithfulness_median if r.faithfulness_median is not None else "",
                      "compression": f"{comp:.1f}x" if comp else "", "fwd": r.patched_forwards,
                      "s": r.seconds})
     print_table(rows)

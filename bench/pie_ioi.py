@@ -111,7 +111,8 @@ def report(base, synergy, base_seconds, synergy_seconds, mem, n: int) -> None:
         comp = stats.effective_compression(r.kl_mean, r.k, rks, rkl)
         table_rows.append({"method": r.method, "K": r.k, "KL mean": r.kl_mean, "std": r.kl_std,
                            "95% CI": f"{r.kl_ci95[0]:.3f}-{r.kl_ci95[1]:.3f}", "pred change": r.pred_change_rate,
-                           "faithfulness": r.faithfulness_mean, "compression vs random": comp,
+                           "faithfulness mean": r.faithfulness_mean, "median": r.faithfulness_median,
+                           "compression vs random": comp,
                            "seconds": r.seconds, "patched fwd / prompt": r.patched_forwards / n,
                            "s / prompt": r.seconds / n})
     print("## KL vs K (last token)\n")

@@ -281,7 +281,8 @@ def _row(name: str, k: int, p: _Point, seed: int) -> SweepRow:
                     pred_change_rate=float(np.mean(p.pred)),
                     faithfulness_mean=_nan_to_none(np.nanmean(faith)) if np.isfinite(faith).any() else None,
                     n_prompts=len(p.kl), seconds=p.seconds, patched_forwards=p.forwards,
-                    kl_all_mean=float(np.mean(p.kl_all)) if p.kl_all else None)
+                    kl_all_mean=float(np.mean(p.kl_all)) if p.kl_all else None,
+                    faithfulness_median=_nan_to_none(np.nanmedian(faith)) if np.isfinite(faith).any() else None)
 
 
 def random_grid(ks: list[int], max_active: int, points: int = 8) -> list[int]:

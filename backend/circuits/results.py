@@ -104,6 +104,8 @@ class SweepRow:
     patched_forwards: int = 0
     kl_all_mean: float | None = None
     completeness_mean: float | None = None
+    # A mean of per-prompt ratios is dominated by prompts whose M_clean - M_none is small.
+    faithfulness_median: float | None = None
 
 
 @dataclass
