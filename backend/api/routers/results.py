@@ -52,8 +52,8 @@ async def get_circuit(circuit_id: int, request: Request) -> Response:
     to validate and serialise) runs in the threadpool.
     """
     cache, sessions = request.app.state.circuit_cache, request.app.state.sessions
-    with sessions() as session:
-        revision = session.scalar(select(Circuit.revision).where(Circuit.id == circuit_id))
+    with request.app.state.engine.connect() as conn:  # a Core read: no ORM session on the hot path
+        revision = conn.execute(select(Circuit.revision).where(Circuit.id == circuit_id)).scalar()
     body = cache.get(circuit_id, revision) if revision is not None else None
     if body is None:
         body = await run_in_threadpool(_circuit_body, sessions, circuit_id, cache)
