@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from contextlib import ExitStack
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -57,7 +58,9 @@ def run_demo(settings: Settings, n: int = 20, serve: bool = True) -> None:
         return
     transcoder = f"{DEMO_MODEL}/{DEMO_TRANSCODER_DIR}"
     with ExitStack() as stack:
-        api = stack.enter_context(_server([sys.executable, "-m", "backend.cli", "serve"], "worker API"))
+        logs = Path(settings.data_dir)
+        logs.mkdir(parents=True, exist_ok=True)
+        api = stack.enter_context(_server([sys.executable, "-m", "backend.cli", "serve"], logs / "worker.log"))
         client = stack.enter_context(httpx.Client(base_url=settings.api_url, timeout=30,
                                                   headers=_auth(settings)))
         _wait_healthy(client, api)
@@ -67,10 +70,10 @@ def run_demo(settings: Settings, n: int = 20, serve: bool = True) -> None:
             circuit_id = job.get("circuit_id") or circuit_id
         if circuit_id is not None:
             _run_job(client, "graph", {"circuit_id": circuit_id, "prompt": 0})
-        dash = stack.enter_context(_server([sys.executable, "-m", "backend.cli", "dash"], "dashboard"))
+        dash = stack.enter_context(_server([sys.executable, "-m", "backend.cli", "dash"], logs / "dashboard.log"))
         url = f"http://{settings.dash_host}:{settings.dash_port}/"
         print(f"\nPIEscope is running:\n  dashboard  {url}\n  worker API {settings.api_url}/docs\n"
-              "Press Ctrl-C to stop.", flush=True)
+              f"  logs       {logs / 'worker.log'}, {logs / 'dashboard.log'}\nPress Ctrl-C to stop.", flush=True)
         try:
             while api.poll() is None and dash.poll() is None:
                 time.sleep(1)
@@ -83,16 +86,18 @@ def _auth(settings: Settings) -> dict[str, str]:
 
 
 class _server:
-    """A child process that is terminated when the block ends."""
+    """A child process, its output appended to a log file, terminated when the block ends."""
 
-    def __init__(self, argv: list[str], what: str) -> None:
-        self.argv, self.what = argv, what
+    def __init__(self, argv: list[str], log: Path) -> None:
+        self.argv, self.log = argv, log
 
     def __enter__(self) -> subprocess.Popen:
-        self.proc = subprocess.Popen(self.argv)
+        self.out = open(self.log, "a")
+        self.proc = subprocess.Popen(self.argv, stdout=self.out, stderr=subprocess.STDOUT)
         return self.proc
 
     def __exit__(self, *exc: object) -> None:
+        self.out.close()
         self.proc.terminate()
         try:
             self.proc.wait(timeout=20)
@@ -105,7 +110,7 @@ def _wait_healthy(client: httpx.Client, proc: subprocess.Popen, timeout: float =
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise UserError("the worker API exited at start-up (is port 8000 in use? set PIESCOPE_API_PORT "
-                            "and PIESCOPE_API_URL)")
+                            "and PIESCOPE_API_URL); see data/worker.log")
         try:
             if client.get("/api/health").status_code == 200:
                 return

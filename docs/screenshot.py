@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT))
 
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--window-size=1500,1000"]
+         "--window-size=1500,1500"]
 
 
 def shoot(url: str, path: Path, wait_for: str, settle: float) -> None:
@@ -54,7 +54,7 @@ def main() -> None:
     parser.add_argument("--settle", type=float, default=3.0)
     args = parser.parse_args()
     out = ROOT / "docs"
-    shoot(f"{args.dash}/circuit?id={args.circuit}", out / "circuit.png", ".js-plotly-plot .nodes, .js-plotly-plot",
+    shoot(f"{args.dash}/circuit?id={args.circuit}&prompt=0", out / "circuit.png", ".js-plotly-plot .nodes, .js-plotly-plot",
           args.settle)
     shoot(f"{args.dash}/sweep?id={args.sweep}", out / "kl_vs_k.png", ".js-plotly-plot", args.settle)
 
