@@ -101,12 +101,9 @@ def test_fap_correlates_with_exact_patching_in_the_real_model(arch):
     assert corr > 0.9, corr
 
 
-@pytest.mark.parametrize("budget", ["global", "per_layer"])
-@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("method, budget", [(m, b) for m, s in METHODS.items() for b in s.budgets])
 def test_every_method_keeps_exactly_k_per_prompt(setup, method, budget):
     strategy = METHODS[method]
-    if budget not in strategy.budgets:
-        pytest.skip(f"{method} has no {budget} budget")
     ctx = _ctx(setup, budget=budget)
     counts = ctx.occ.counts()
     options = strategy.options(FAST_OPTIONS.get(method))
