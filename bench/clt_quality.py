@@ -12,16 +12,14 @@ Measured on the demo model (default) or any model + CLT directory:
   M = logit(IO) - logit(S) by what fraction of M(clean) - M(corrupted)? (sum over prompts of
   the change / sum of the clean-to-corrupted change; the per-prompt median is shown too).
 
-IOI pairs are generated here: clean "Then, {A} and {B} went to the {place}. {B} gave a {object}
-to" -> " {A}" (distractor " {B}"), corrupted = the same with three other names (ABC); only names
-that are single tokens are used, so clean and corrupted have equal token lengths.
+IOI pairs come from the tasks module (ABC corruption); the Delta-writes and M with all of them
+removed come from the PIE engine (`Attributor`, `Evaluator.m_none`), as PIEscope computes them.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 import time
 from pathlib import Path
@@ -30,18 +28,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from backend.circuits.attribution import Attributor  # noqa: E402
+from backend.circuits.evaluation import Evaluator, kl_divergence  # noqa: E402
 from backend.models.adapters import ModelAdapter  # noqa: E402
-from backend.models.corpus import NAMES, OBJECTS, PLACES, default_corpus, split_heldout  # noqa: E402
+from backend.models.corpus import default_corpus, split_heldout  # noqa: E402
 from backend.models.harvest_activations import token_sequences  # noqa: E402
+from backend.models.training import ReconstructionStats  # noqa: E402
 from backend.models.transcoder import Transcoder  # noqa: E402
 from backend.models.transcoder_files import load_transcoder  # noqa: E402
-
-IOI_TEMPLATE = "Then, {A} and {B} went to the {place}. {S} gave a {obj} to"
-EXTRA_NAMES = ("Bob", "Jane", "Sam", "Ben", "Max", "Joe", "Kim", "Dan", "Tim", "Ann", "Leo",
-               "Ruth", "Carl", "Rose", "Will", "Nick")
+from backend.tasks import PromptBatch, get_task, metric  # noqa: E402
 
 
 def _pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids and mask [B, T] for token sequences of different lengths."""
     T = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), T), pad, dtype=torch.long)
     mask = torch.zeros((len(seqs), T), dtype=torch.long)
@@ -51,101 +50,48 @@ def _pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
-def ioi_pairs(tokenizer, n: int, seed: int = 0) -> list[dict]:
-    """n clean/corrupted IOI pairs with single-token names (ids include BOS)."""
-    def one(word: str) -> int | None:
-        ids = tokenizer(" " + word, add_special_tokens=False)["input_ids"]
-        return ids[0] if len(ids) == 1 else None
-
-    names = [w for w in dict.fromkeys(NAMES + EXTRA_NAMES) if one(w) is not None]
-    rng = random.Random(seed)
-    pairs = []
-    while len(pairs) < n:
-        a, b, c, d, e = rng.sample(names, 5)
-        place, obj = rng.choice(PLACES), rng.choice(OBJECTS)
-        clean = IOI_TEMPLATE.format(A=a, B=b, S=b, place=place, obj=obj)
-        corrupted = IOI_TEMPLATE.format(A=c, B=d, S=e, place=place, obj=obj)
-        ci, ri = tokenizer(clean)["input_ids"], tokenizer(corrupted)["input_ids"]
-        if len(ci) != len(ri):
-            continue
-        pairs.append({"clean": ci, "corrupted": ri, "io": one(a), "s": one(b)})
-    return pairs
-
-
-class FVUMeter:
-    """Accumulates per-layer FVU, L0 and which features fired over batches of tokens."""
-
-    def __init__(self, tc: Transcoder):
-        L, d = tc.n_layers, tc.d_model
-        self.err = torch.zeros(L, dtype=torch.float64)
-        self.y_sum = torch.zeros(L, d, dtype=torch.float64)
-        self.y_sq = torch.zeros(L, dtype=torch.float64)
-        self.l0 = torch.zeros(L, dtype=torch.float64)
-        self.fired = torch.zeros(L, tc.n_features, dtype=torch.bool)
-        self.n = 0
-
-    def add(self, y: torch.Tensor, recon: torch.Tensor, acts: torch.Tensor) -> None:
-        """y, recon [L, N, d]; acts [L, N, F] (N tokens, BOS and padding already removed)."""
-        self.err += (recon - y).double().pow(2).sum((1, 2))
-        self.y_sum += y.double().sum(1)
-        self.y_sq += y.double().pow(2).sum((1, 2))
-        self.l0 += (acts != 0).sum((1, 2)).double()
-        self.fired |= (acts != 0).any(1)
-        self.n += y.shape[1]
-
-    def fvu(self) -> list[float]:
-        return (self.err / (self.y_sq - self.y_sum.pow(2).sum(-1) / self.n)).tolist()
+def _add(stats: ReconstructionStats, tc: Transcoder, resid_mid: torch.Tensor, mlp_out: torch.Tensor,
+         keep: torch.Tensor) -> torch.Tensor:
+    """Reconstruct every position, count the kept ones ([B, T] bool); returns recon [L, B, T, d]."""
+    acts = tc.encode(resid_mid)
+    recon = tc.decode(acts)
+    stats.add(recon[:, keep], mlp_out[:, keep], acts[:, keep] != 0)
+    return recon
 
 
 @torch.no_grad()
-def measure_text(adapter: ModelAdapter, tc: Transcoder, seqs: list[list[int]], meter: FVUMeter,
+def measure_text(adapter: ModelAdapter, tc: Transcoder, seqs: list[list[int]], stats: ReconstructionStats,
                  batch_size: int = 8) -> None:
     pad = adapter.tokenizer.pad_token_id or 0
     for b in range(0, len(seqs), batch_size):
         ids, mask = _pad(seqs[b:b + batch_size], pad)
         out = adapter.run(ids, mask, capture=True)
         keep = mask.bool()
-        keep[:, 0] = False
-        x, y = out.resid_mid[:, keep], out.mlp_out[:, keep]
-        acts = tc.encode(x)
-        meter.add(y, tc.decode(acts), acts)
+        keep[:, 0] = False  # BOS: the CLT never saw it
+        _add(stats, tc, out.resid_mid, out.mlp_out, keep)
 
 
 @torch.no_grad()
-def measure_ioi(adapter: ModelAdapter, tc: Transcoder, pairs: list[dict], meter: FVUMeter,
-                batch_size: int = 8) -> dict:
-    pad = adapter.tokenizer.pad_token_id or 0
-    kls, m_clean, m_corr, m_sub = [], [], [], []
-    for b in range(0, len(pairs), batch_size):
-        chunk = pairs[b:b + batch_size]
-        ids, mask = _pad([p["clean"] for p in chunk], pad)
-        cids, _ = _pad([p["corrupted"] for p in chunk], pad)
-        io = torch.tensor([p["io"] for p in chunk])
-        s = torch.tensor([p["s"] for p in chunk])
-        rows = torch.arange(len(chunk))
-
-        def metric(logits: torch.Tensor) -> torch.Tensor:
-            return logits[rows, io] - logits[rows, s]
-
-        clean = adapter.run(ids, mask, capture=True)
-        corr = adapter.run(cids, mask, capture=True)
+def measure_ioi(adapter: ModelAdapter, tc: Transcoder, batch: PromptBatch, stats: ReconstructionStats,
+                batch_size: int = 16) -> dict:
+    attr = Attributor(adapter, tc)
+    evaluator = Evaluator(attr)
+    kls, m_clean, m_corr, m_none = [], [], [], []
+    for b in range(0, len(batch), batch_size):
+        part = batch.subset(slice(b, b + batch_size))
+        ids, mask, last = part.clean_ids, part.attention_mask, part.last_pos
+        clean = adapter.run(ids, mask, last_pos=last, capture=True)
         keep = mask.bool().clone()
         keep[:, 0] = False
-        acts_clean = tc.encode(clean.resid_mid)  # [L, B, T, F]
-        recon = tc.decode(acts_clean)
-        meter.add(clean.mlp_out[:, keep], recon[:, keep], acts_clean[:, keep])
-        # Patch real tokens only, never BOS: the CLT is trained without it (attention sink,
-        # activations orders of magnitude larger), so BOS keeps its own mlp_out (an error node).
-        valid = keep[None, :, :, None]
-        replaced = adapter.run(ids, mask, patch=(recon - clean.mlp_out) * valid)
-        logp, logq = clean.logits.log_softmax(-1), replaced.logits.log_softmax(-1)
-        kls.append((logp.exp() * (logp - logq)).sum(-1))
-        delta = (recon - tc.decode(tc.encode(corr.resid_mid))) * valid  # Delta-writes, no bias
-        subtracted = adapter.run(ids, mask, patch=-delta)
-        m_clean.append(metric(clean.logits))
-        m_corr.append(metric(corr.logits))
-        m_sub.append(metric(subtracted.logits))
-    mc, mr, ms = torch.cat(m_clean), torch.cat(m_corr), torch.cat(m_sub)
+        recon = _add(stats, tc, clean.resid_mid, clean.mlp_out, keep)
+        # Replace mlp_out by the reconstruction at real tokens; BOS keeps its own (an error node).
+        replaced = adapter.run(ids, mask, last_pos=last, patch=(recon - clean.mlp_out) * keep[None, :, :, None])
+        kls.append(kl_divergence(clean.logits, replaced.logits))
+        runs = attr.prepare(part)
+        m_clean.append(runs.clean_metric)
+        m_corr.append(metric(adapter.run(part.corrupted_ids, mask, last_pos=last).logits, part))
+        m_none.append(evaluator.m_none(runs))
+    mc, mr, ms = torch.cat(m_clean), torch.cat(m_corr), torch.cat(m_none)
     return {"kl": float(torch.cat(kls).mean()), "m_clean": float(mc.mean()),
             "m_corrupted": float(mr.mean()), "m_features_removed": float(ms.mean()),
             "feature_share": float((mc - ms).sum() / (mc - mr).sum()),
@@ -176,11 +122,12 @@ def main(argv: list[str] | None = None) -> int:
 
     _, held_docs = split_heldout(default_corpus(seed=0))
     seqs = token_sequences(adapter.tokenizer, held_docs, 128, args.heldout_tokens)
-    text_meter, ioi_meter = FVUMeter(tc), FVUMeter(tc)
+    text_meter = ReconstructionStats(tc.n_layers, tc.d_model, tc.n_features)
+    ioi_meter = ReconstructionStats(tc.n_layers, tc.d_model, tc.n_features)
     measure_text(adapter, tc, seqs, text_meter)
-    ioi = measure_ioi(adapter, tc, ioi_pairs(adapter.tokenizer, args.prompts, args.seed), ioi_meter)
+    ioi = measure_ioi(adapter, tc, get_task("ioi").build(adapter.tokenizer, args.prompts, seed=args.seed), ioi_meter)
 
-    fvu_text, fvu_ioi = text_meter.fvu(), ioi_meter.fvu()
+    fvu_text, fvu_ioi = text_meter.fvu, ioi_meter.fvu
     L = tc.n_layers
     print(f"CLT {clt_dir} ({tc.config.activation}, {tc.n_features} features/layer) on {args.model}: "
           f"{text_meter.n} held-out tokens, {args.prompts} IOI pairs ({ioi_meter.n} tokens)\n")

@@ -285,7 +285,7 @@ def _batch_index(step: int, cfg: TrainConfig, n_tokens: int) -> torch.Tensor:
     return perm[pos * cfg.batch_size:(pos + 1) * cfg.batch_size]
 
 
-class _ReconstructionStats:
+class ReconstructionStats:
     """Accumulates per-layer FVU, L0 and never-active features over chunks of tokens."""
 
     def __init__(self, n_layers: int, d_model: int, n_features: int) -> None:
@@ -306,9 +306,12 @@ class _ReconstructionStats:
         self.fired |= active.any(1)
         self.n += y.shape[1]
 
+    @property
+    def fvu(self) -> list[float]:
+        return (self.err / (self.y_sq - self.y_sum.pow(2).sum(-1) / self.n)).tolist()
+
     def result(self) -> dict:
-        L = len(self.err)
-        fvu = (self.err / (self.y_sq - self.y_sum.pow(2).sum(-1) / self.n)).tolist()
+        L, fvu = len(self.err), self.fvu
         return {"fvu_per_layer": fvu, "mean_fvu": sum(fvu) / L, "l0_per_layer": (self.l0 / self.n).tolist(),
                 "mean_l0": float(self.l0.sum() / self.n / L), "dead_per_layer": (~self.fired).sum(1).tolist(),
                 "dead": int((~self.fired).sum())}
@@ -317,7 +320,7 @@ class _ReconstructionStats:
 @torch.no_grad()
 def _evaluate(model: TopKCLT, store: ActivationStore, norm: Normaliser, chunk: int = 1024) -> dict:
     """Held-out per-layer FVU, L0 and the features never active, for the TopK model."""
-    acc = _ReconstructionStats(model.n_layers, store.d_model, model.n_features)
+    acc = ReconstructionStats(model.n_layers, store.d_model, model.n_features)
     for x, y in store.chunks(chunk):
         xn, yn = norm.apply(x, y)
         recon, codes = model(xn)
@@ -381,7 +384,7 @@ def export_transcoder(model: TopKCLT, norm: Normaliser, activation: str, model_n
 @torch.no_grad()
 def evaluate_transcoder(tc: Transcoder, store: ActivationStore, chunk: int = 1024) -> dict:
     """Per-layer FVU of `mlp_out`, L0 and never-active features of a Transcoder on a store."""
-    acc = _ReconstructionStats(tc.n_layers, tc.d_model, tc.n_features)
+    acc = ReconstructionStats(tc.n_layers, tc.d_model, tc.n_features)
     for x, y in store.chunks(chunk):
         acts = tc.encode(x)
         acc.add(tc.decode(acts), y, acts != 0)
