@@ -245,3 +245,12 @@ def test_exact_effects_agree_with_the_evaluator(setup):
             kept[removed] = False
             m = ctx.evaluator.evaluate(ctx.runs, [kept])[0].m_circuit[b]
             assert effect == pytest.approx(float(ctx.runs.clean_metric[b] - m), rel=1e-4, abs=1e-5)
+
+
+def test_sweep_without_the_random_curve_still_counts_active_occurrences(setup):
+    result = run_sweep(setup.adapter, setup.transcoder, setup.batch,
+                       SweepConfig(methods=["fap"], ks=[3], random_curve=False, all_token_kl=True),
+                       model_name="tiny", transcoder_name="tiny-clt", task_name="ioi")
+    counts = _ctx(setup).occ.counts().float()
+    assert result.n_active_mean == pytest.approx(float(counts.mean()))
+    assert result.rows[0].kl_all_mean is not None

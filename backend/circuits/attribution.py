@@ -35,7 +35,7 @@ class PromptRuns:
     offset: global index of the batch's first prompt (seeds depend on it, not on batching).
     occ: the occurrences; fap: S per occurrence [n]; magnitude: |a| * ||W_dec row|| [n].
     clean_logits: [B, V] last-position logits; clean_metric: [B]; clean_hidden: [B, T, d] final
-    hidden states when the all-token KL is wanted.
+    hidden states, filled by the evaluator on the first all-token KL.
     """
 
     batch: PromptBatch
@@ -84,7 +84,7 @@ class Attributor:
     def device(self) -> torch.device:
         return self.adapter.device
 
-    def prepare(self, batch: PromptBatch, offset: int = 0, keep_hidden: bool = False) -> PromptRuns:
+    def prepare(self, batch: PromptBatch, offset: int = 0) -> PromptRuns:
         """Clean forward + backward and corrupted forward; occurrences, FAP and magnitude scores."""
         batch = batch.to(self.device)
         ids, mask, last = batch.clean_ids, batch.attention_mask, batch.last_pos
@@ -107,12 +107,9 @@ class Attributor:
             for layer in torch.unique(occ.layer).tolist():
                 sel = occ.layer == layer
                 magnitude[sel] = occ.act[sel].abs() * decoder_norms(self.tc, layer, occ.feature[sel])
-            hidden = None
-            if keep_hidden:
-                hidden = self.adapter.run(ids, mask, last_pos=last, logits_at="none").hidden
         return PromptRuns(batch=batch, offset=offset, occ=occ, fap=fap, magnitude=magnitude,
                           clean_logits=clean.logits, clean_metric=metric(clean.logits, batch).detach(),
-                          clean_hidden=hidden)
+                          clean_hidden=None)
 
     @torch.no_grad()
     def removal_metrics(self, runs: PromptRuns, variant_prompt: Tensor, variant: Tensor,

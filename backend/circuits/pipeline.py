@@ -113,7 +113,7 @@ def run_prune(adapter: ModelAdapter, transcoder: Transcoder, batch: PromptBatch,
     forwards = 0
     for start, part in _batches(batch, config.batch_size):
         progress(start / len(batch), f"attributing prompts {start + 1}-{start + len(part)} of {len(batch)}")
-        runs = attr.prepare(part, offset=start, keep_hidden=config.all_token_kl)
+        runs = attr.prepare(part, offset=start)
         ctx = SelectionContext(runs, attr, evaluator, config.budget, config.seed)
         kept = method.select(ctx, config.k, options)
         metrics = evaluator.evaluate(runs, [kept], all_token=config.all_token_kl,
@@ -213,6 +213,7 @@ def run_sweep(adapter: ModelAdapter, transcoder: Transcoder, batch: PromptBatch,
     start_time = time.perf_counter()
     points: dict[tuple[str, int], _Point] = defaultdict(_Point)
     kept_runs: list[PromptRuns] = []
+    n_active: list[int] = []
     kl_none: list[float] = []
     prep_seconds = 0.0
     n_steps = len(range(0, len(batch), config.batch_size)) * (len(config.methods) + 1)
@@ -220,7 +221,8 @@ def run_sweep(adapter: ModelAdapter, transcoder: Transcoder, batch: PromptBatch,
     for start, part in _batches(batch, config.batch_size):
         t0 = time.perf_counter()
         progress(step / n_steps, f"attributing prompts {start + 1}-{start + len(part)} of {len(batch)}")
-        runs = attr.prepare(part, offset=start, keep_hidden=config.all_token_kl)
+        runs = attr.prepare(part, offset=start)
+        n_active += runs.occ.counts().tolist()
         kl_none += _kl_none(evaluator, runs)
         prep_seconds += time.perf_counter() - t0
         step += 1
@@ -252,8 +254,7 @@ def run_sweep(adapter: ModelAdapter, transcoder: Transcoder, batch: PromptBatch,
         effective_compression=_compression(rows, random_curve),
         effective_budget=_effective_budgets(rows, per_prompt, config),
         per_prompt_kl=per_prompt,
-        n_active_mean=float(np.mean([c for r in kept_runs for c in r.occ.counts().tolist()]))
-        if kept_runs else float("nan"),
+        n_active_mean=float(np.mean(n_active)),
         kl_none_mean=float(np.mean(kl_none)), seconds=time.perf_counter() - start_time,
         options={"budget": config.budget, "grad": config.grad, "seed": config.seed,
                  "random_seeds": config.random_seeds, "batch_size": config.batch_size,
