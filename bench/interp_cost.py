@@ -30,7 +30,7 @@ from bench._util import table  # noqa: E402
 
 from backend import jobs as job_functions  # noqa: E402
 from backend.circuits.pipeline import PruneConfig, run_prune  # noqa: E402
-from backend.interp.store import InterpStore, add_circuit_cost  # noqa: E402
+from backend.store.interp import InterpStore, add_circuit_cost  # noqa: E402
 from backend.models.loading import load_model  # noqa: E402
 from backend.models.registry import DEMO_MODEL  # noqa: E402
 from backend.models.transcoder_files import load_transcoder, transcoder_summary  # noqa: E402

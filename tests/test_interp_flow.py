@@ -118,7 +118,7 @@ def test_cli_explains_and_scores_a_circuit_file(api_settings, tmp_path, capsys):
     import json
 
     from backend import jobs as job_functions
-    from backend.interp.cli_commands import COMMANDS, add_parsers
+    from backend.cli.interp import add_parsers
     from backend.store import queries
     from backend.store.db import open_store
 
@@ -130,12 +130,12 @@ def test_cli_explains_and_scores_a_circuit_file(api_settings, tmp_path, capsys):
     add_parsers(parser.add_subparsers(dest="command"))
 
     args = parser.parse_args(["explain", "--circuit", str(path), "--corpus", "stories", "--corpus-tokens", "300"])
-    COMMANDS[args.command](args, api_settings)
+    args.run(args, api_settings)
     out = capsys.readouterr().out
     assert f"explained {len(circuit.features)} features" in out and "heuristic" in out
     args = parser.parse_args(["score", "--circuit", str(path), "--corpus", "stories", "--n-natural", "4",
                               "--n-generated", "2", "--no-faithfulness"])
-    COMMANDS[args.command](args, api_settings)
+    args.run(args, api_settings)
     out = capsys.readouterr().out
     assert "rater offline-proxy (a proxy, not a judgement of meaning)" in out
 

@@ -20,7 +20,7 @@ from backend.interp.harvest import HarvestConfig
 from backend.interp.llm import LLMClient, LLMConfig, LLMError, MalformedReply, retry_after_seconds
 from backend.interp.pipeline import explain_circuit
 from backend.interp.raters import GENERATE_SYSTEM, RATE_SYSTEM, LLMRater
-from backend.interp.store import InterpStore
+from backend.store.interp import InterpStore
 from backend.models.corpus import story_documents
 from backend.store import queries
 from backend.store.db import open_store, transaction

@@ -142,18 +142,18 @@ def _check_interp(settings: Settings, session: Session, params: Any) -> None:
 
 
 def _run_explain(context, sessions, params: job_functions.ExplainParams, progress):
-    from backend.interp.store import InterpStore
+    from backend.store.interp import InterpStore
     return job_functions.run_explain(context, params, InterpStore(sessions), progress)
 
 
 def _run_score(context, sessions, params: job_functions.ScoreParams, progress):
-    from backend.interp.store import InterpStore
+    from backend.store.interp import InterpStore
     return job_functions.run_score(context, params, InterpStore(sessions), progress)
 
 
 def _store_interp(settings, session, params, output) -> dict[str, int]:
     """Statistics, examples, explanations and scores were stored as they came; the cost goes on the circuit."""
-    from backend.interp.store import add_circuit_cost
+    from backend.store.interp import add_circuit_cost
     add_circuit_cost(session, params.circuit_id, output.result["cost"])
     return {"circuit_id": params.circuit_id}
 

@@ -34,7 +34,7 @@ from backend.interp.harvest import (FeatureKey, HarvestConfig, TokenWindows, cor
                                     pad_windows, window_activations)
 from backend.interp.raters import Rater
 from backend.interp.steering import FACTORS, steered_continuations
-from backend.interp.store import FeatureState, InterpStore
+from backend.interp.records import FeatureState, FeatureStore
 from backend.models.adapters import ModelAdapter
 from backend.models.transcoder import Transcoder
 
@@ -89,7 +89,7 @@ def needs_harvest(state: FeatureState, corpus: str, n_tokens_budget: int) -> boo
         or not state.examples
 
 
-def explain_circuit(adapter: ModelAdapter, transcoder: Transcoder, store: InterpStore, transcoder_name: str,
+def explain_circuit(adapter: ModelAdapter, transcoder: Transcoder, store: FeatureStore, transcoder_name: str,
                     features: Sequence[FeatureKey], docs: Sequence[str], explainer, corpus: str,
                     harvest_config: HarvestConfig = HarvestConfig(), *, force: bool = False, reharvest: bool = False,
                     chunk: int = 8, progress: Progress | None = None) -> ExplainReport:
@@ -176,7 +176,7 @@ def text_windows(tokenizer, texts: Sequence[str]) -> TokenWindows:
     return pad_windows(rows, bos is not None, pad_id=tokenizer.pad_token_id or 0)
 
 
-def score_circuit(adapter: ModelAdapter, transcoder: Transcoder, store: InterpStore, transcoder_name: str,
+def score_circuit(adapter: ModelAdapter, transcoder: Transcoder, store: FeatureStore, transcoder_name: str,
                   features: Sequence[FeatureKey], docs: Sequence[str], rater: Rater, source: str = "any",
                   config: ScoreConfig = ScoreConfig(), progress: Progress | None = None) -> ScoreReport:
     """FADE scores of the latest explanation (of `source`, or any) of each feature; stored as they come."""

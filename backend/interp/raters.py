@@ -8,7 +8,7 @@ explanation, and write texts that express a concept (for clarity).
   feature fires on) or, without quotes, its content words. A text is rated 2 when it contains
   a key token as a whole word, 1 when a key token (3+ characters) only appears inside a word,
   else 0. Its "texts that express the concept" are templates filled with the key tokens.
-- Human ratings come from the dashboard as annotations (see `backend.interp.store`).
+- Human ratings come from the dashboard as annotations (see `backend.store.interp`).
 
 Both raters count their calls (a call = one batch of texts to rate, or one generation request)
 so that the cost of scoring can be compared across circuits; the offline rater spends no tokens.

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 from backend.api.deps import get_session
 from backend.api.schemas import ScoreOut
 from backend.errors import NotFoundError
-from backend.interp.store import example_json
+from backend.store.interp import example_json
 from backend.store import queries
 
 router = APIRouter(prefix="/api", tags=["interpretation"])

@@ -13,7 +13,6 @@ writes them); FADE responsiveness and purity use them with rater "human" when pr
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import delete, select
@@ -21,36 +20,12 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from backend.interp.explainers import ExplainResult
 from backend.interp.harvest import FeatureHarvest, FeatureKey
+from backend.interp.records import CircuitInfo, FeatureState
 from backend.store import queries
 from backend.store.db import transaction
 from backend.store.tables import Annotation, Example, ExplanationScore, Feature
 
 EXAMPLE_LABEL = "example:"
-
-
-@dataclass
-class CircuitInfo:
-    """What the flow needs of a stored circuit."""
-
-    id: int
-    model: str
-    transcoder: str
-    features: list[FeatureKey]            # aggregated features, most prompts first
-    dataset: dict[str, Any] | None         # DatasetParams fields, None without a stored dataset
-    cost: dict[str, Any]
-    prompts: list[str] = field(default_factory=list)   # the clean prompt texts
-
-
-@dataclass
-class FeatureState:
-    """A stored feature: its row id, statistics, examples and explanations."""
-
-    id: int
-    layer: int
-    feature: int
-    statistics: dict[str, Any]
-    examples: list[dict[str, Any]] = field(default_factory=list)
-    explanations: list[dict[str, Any]] = field(default_factory=list)
 
 
 def example_json(row: Example) -> dict[str, Any]:

@@ -3,24 +3,15 @@
 `--circuit` takes a stored circuit id or a circuit JSON file (from `piescope prune --out`); a
 file is first imported into the store (model, transcoder and circuit rows), so that its
 features, explanations and scores are there for the dashboard afterwards.
-
-To wire them into `backend/cli.py`:
-
-    from backend.interp import cli_commands as interp_cli
-    COMMANDS.update(interp_cli.COMMANDS)            # after the @command definitions
-    interp_cli.add_parsers(sub)                     # in build_parser, before `return parser`
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
-from sqlalchemy import select
 
 from backend.errors import InvalidParameterError, NotFoundError, UserError
 from backend.settings import Settings
@@ -36,6 +27,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--corpus", choices=("default", "stories"), default="default")
     p.add_argument("--corpus-tokens", type=int, default=20_000, help="corpus tokens budget of the harvest")
     p.add_argument("--force", action="store_true", help="explain again features this explainer already explained")
+    p.set_defaults(run=cmd_explain)
 
     p = sub.add_parser("score", help="FADE scores (clarity, responsiveness, purity, faithfulness) of a "
                                      "circuit's explanations")
@@ -52,6 +44,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--factors", default="-50,-10,0,10,50", help="steering factors (x max activation)")
     p.add_argument("--steer-prompts", type=int, default=2)
     p.add_argument("--new-tokens", type=int, default=8)
+    p.set_defaults(run=cmd_score)
 
 
 def _params(model: type[BaseModel], **values: Any) -> BaseModel:
@@ -63,52 +56,23 @@ def _params(model: type[BaseModel], **values: Any) -> BaseModel:
         raise InvalidParameterError(f"{where}: {first['msg']}") from None
 
 
-def import_circuit_file(settings: Settings, sessions, path: Path) -> int:
-    """Store a circuit JSON file (as written by `piescope prune --out`); returns its circuit id.
-
-    The same file imports to the same row (the file's hash is its params hash), so its cost JSON
-    accumulates over explain and score runs.
-    """
-    from backend.circuits.results import Circuit
-    from backend.models.registry import MODELS
-    from backend.models.transcoder_files import transcoder_summary
-    from backend.models.transcoder_registry import resolve_transcoder
-    from backend.store import queries
-    from backend.store.db import transaction
-    from backend.store.tables import Circuit as CircuitRow
-    raw = path.read_bytes()
-    try:
-        result = Circuit.from_json(json.loads(raw))
-    except (ValueError, TypeError, KeyError) as err:
-        raise UserError(f"{path} is not a circuit JSON file ({err})") from None
-    digest = hashlib.sha256(b"file:" + raw).hexdigest()
-    with transaction(sessions) as session:
-        existing = session.scalar(select(CircuitRow.id).where(CircuitRow.params_hash == digest))
-        if existing is not None:
-            return int(existing)
-        spec = MODELS.get(result.model)
-        model = queries.get_or_create_model(session, result.model, spec.architecture if spec else "")
-        _, tc_path = resolve_transcoder(result.transcoder, settings, allow_paths=False)
-        transcoder = queries.get_or_create_transcoder(session, result.transcoder, model, transcoder_summary(tc_path))
-        return queries.save_circuit(session, result, digest, model, transcoder, None).id
-
-
 def _circuit_id(settings: Settings, sessions, circuit: str) -> int:
     if circuit.isdigit():
         return int(circuit)
     path = Path(circuit).expanduser()
     if not path.is_file():
         raise NotFoundError(f"--circuit must be a stored circuit id or a circuit JSON file; {circuit} is neither")
+    from backend.store.circuit_files import import_circuit_file
     return import_circuit_file(settings, sessions, path)
 
 
 def _run(kind: str, settings: Settings, params: BaseModel, sessions) -> dict[str, Any]:
     from backend import jobs as job_functions
-    from backend.cli import _progress_bar
-    from backend.interp.store import InterpStore, add_circuit_cost
+    from backend.cli.output import progress_bar
+    from backend.store.interp import InterpStore, add_circuit_cost
     from backend.store.db import transaction
     run = job_functions.run_explain if kind == "explain" else job_functions.run_score
-    bar, update = _progress_bar(kind)
+    bar, update = progress_bar(kind)
     try:
         output = run(job_functions.JobContext(settings), params, InterpStore(sessions), update)
     finally:
@@ -127,8 +91,8 @@ def _print_errors(errors: dict[str, str]) -> None:
 
 def cmd_explain(args: argparse.Namespace, settings: Settings) -> None:
     from backend import jobs as job_functions
-    from backend.cli import print_table
-    from backend.interp.store import InterpStore
+    from backend.cli.output import print_table
+    from backend.store.interp import InterpStore
     from backend.store.db import open_store
     engine, sessions = open_store(settings)
     try:
@@ -157,7 +121,7 @@ def cmd_explain(args: argparse.Namespace, settings: Settings) -> None:
 
 def cmd_score(args: argparse.Namespace, settings: Settings) -> None:
     from backend import jobs as job_functions
-    from backend.cli import print_table
+    from backend.cli.output import print_table
     from backend.store.db import open_store
     try:
         factors = [float(x) for x in args.factors.split(",") if x.strip()]
@@ -182,5 +146,3 @@ def cmd_score(args: argparse.Namespace, settings: Settings) -> None:
           f"{cost['score_calls']} rater calls, {cost['score_tokens']} tokens")
     _print_errors(report["errors"])
 
-
-COMMANDS = {"explain": cmd_explain, "score": cmd_score}
