@@ -12,10 +12,10 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 from backend.interp import fade
 from backend.interp.explainers import (FeatureInput, OfflineExplainer, explanation_prompt, mark_example,
                                        parse_explanation)
-from backend.interp.harvest import (HarvestConfig, corpus_windows, encode_features, harvest, histograms,
-                                    sparse_activations, window_activations)
+from backend.interp.harvest import (SPLITS, HarvestConfig, corpus_windows, encode_features, harvest, histograms,
+                                    sparse_activations, split_of, window_activations)
 from backend.interp.llm import MalformedReply
-from backend.interp.raters import OfflineRater, key_tokens, parse_ratings
+from backend.interp.raters import OfflineRater, is_proxy, key_tokens, parse_ratings
 from backend.interp.steering import steered_continuations
 from backend.models.corpus import story_documents
 from tests.pie_fixtures import pie_setup
@@ -158,15 +158,25 @@ def test_harvest_statistics_and_examples(setup, docs):
         assert s["density"] == pytest.approx(float((col > 0).float().mean()))
         assert s["max_activation"] == pytest.approx(float(col.max()))
         assert sum(s["histogram"]["counts"]) == int((col > 0).sum())
-        quantiles = [e["quantile"] for e in r.examples]
-        assert quantiles == sorted(quantiles) and quantiles.count(0) <= 3
-        maxima = [e["max_activation"] for e in r.examples]
-        assert maxima == sorted(maxima, reverse=True)
+        assert s["split"]["explain_windows"] + s["split"]["holdout_windows"] == windows.ids.shape[0]
+        splits = [e["split"] for e in r.examples]
+        assert splits == sorted(splits)                                 # explain first, then holdout
+        for name in SPLITS:  # each split sampled on its own: top examples, then quantiles, high to low
+            mine = [e for e in r.examples if e["split"] == name]
+            quantiles = [e["quantile"] for e in mine]
+            assert quantiles == sorted(quantiles) and quantiles.count(0) <= 3
+            maxima = [e["max_activation"] for e in mine]
+            assert maxima == sorted(maxima, reverse=True)
+            in_split = torch.tensor([split_of(d) == name for d in windows.doc])
+            best = acts[in_split][..., j][valid[in_split]].max() if in_split.any() else torch.tensor(0.0)
+            if mine:
+                assert mine[0]["max_activation"] == pytest.approx(float(best))
         if r.examples:
-            assert r.examples[0]["max_activation"] == pytest.approx(s["max_activation"])
+            assert max(e["max_activation"] for e in r.examples) == pytest.approx(s["max_activation"])
         for e in r.examples:  # each window's activations are the dense ones around its max
             fields = dict(part.split("=") for part in e["source"].split(";"))
             w, p = int(fields["window"]), int(fields["pos"])
+            assert split_of(int(fields["doc"])) == e["split"] and windows.doc[w] == int(fields["doc"])
             lo = max(1, p - config.before)
             want = acts[w, lo:lo + len(e["activations"]), j]
             assert e["activations"] == pytest.approx(want.tolist(), abs=1e-4)
@@ -219,6 +229,7 @@ def test_offline_rater_is_a_token_proxy():
     rater = OfflineRater(per_call=2)
     assert rater.rate('Fires on "John"', ["John left.", "Johnny left.", "Mary left."]) == [2, 1, 0]
     assert rater.calls == 2 and rater.tokens == 0 and rater.name == "offline-proxy"
+    assert is_proxy(rater.name) and not is_proxy("llm:gpt-4o") and not is_proxy("human")
     texts = rater.generate('Fires on "John", "Tom"', 4)
     assert len(texts) == 4 and all(rater.rate('Fires on "John", "Tom"', [t]) == [2] for t in texts)
 
