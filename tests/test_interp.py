@@ -242,14 +242,26 @@ def test_parse_ratings():
 
 # ------------------------------------------------------------------------------ steering
 
-def test_factor_zero_is_plain_greedy_decoding_and_steering_changes_it(setup):
-    adapter, tc = setup.adapter, setup.transcoder
-    prompts = setup.batch.clean_ids[:2, :5]
-    out = steered_continuations(adapter, tc, [(0, 3), (1, 7)], [1.0, 2.0], prompts, factors=(0.0, 500.0), n_new=3)
-    assert out.shape == (2, 2, 2, 3)
-    seq = prompts.clone()
-    for _ in range(3):
-        seq = torch.cat([seq, adapter.run(seq).logits.argmax(-1, keepdim=True)], dim=1)
-    assert torch.equal(out[0, 0], seq[:, 5:]) and torch.equal(out[1, 0], seq[:, 5:])
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "gemma2", "gpt2"])
+def test_steering_with_the_cache_equals_rerunning_every_step(arch):
+    """Cached generation (prompt once, then one token a step) gives the tokens that rerunning the
+    whole sequence with the steer at every step gives; factor 0 is plain greedy decoding."""
+    s = pie_setup(arch)
+    adapter, tc = s.adapter, s.transcoder
+    features, max_acts, factors, n_new = [(0, 3), (1, 7)], [1.0, 2.0], (0.0, 30.0, 500.0), 6  # > sliding window
+    prompts = s.batch.clean_ids[:2, :5]
+    out = steered_continuations(adapter, tc, features, max_acts, prompts, factors=factors, n_new=n_new, max_rows=5)
+    assert out.shape == (2, 3, 2, n_new)
+    for j, (layer, index) in enumerate(features):
+        rows = tc.decoder_rows(layer, torch.tensor([index]))[0]                           # [L - layer, d]
+        for i, factor in enumerate(factors):
+            seq = prompts.clone()
+            for _ in range(n_new):
+                T = seq.shape[1]
+                patch = torch.zeros(adapter.n_layers, seq.shape[0], T, adapter.d_model)
+                patch[layer:, :, 4:] = factor * max_acts[j] * rows[:, None, None, :]         # from the last prompt token
+                seq = torch.cat([seq, adapter.run(seq, patch=patch).logits.argmax(-1, keepdim=True)], dim=1)
+            assert torch.equal(out[j, i], seq[:, 5:]), (arch, j, factor)
+    assert torch.equal(out[0, 0], out[1, 0])
     # A factor-500 write into every target layer must move the model somewhere.
-    assert not torch.equal(out[:, 1], out[:, 0])
+    assert not torch.equal(out[:, 2], out[:, 0])
