@@ -57,7 +57,8 @@ def requests_for(target: dict[str, Any], explainer: str, rater: str, corpus: str
 
 def job_line(job: dict[str, Any], prefix: str) -> html.Div:
     """"explain job #3: running 40% harvesting..." with a progress bar."""
-    text = f"{job['kind']} job #{job['id']}: {job['status']} {job.get('error') or job.get('message') or ''}"
+    detail = job.get("error") or job.get("message") or ""
+    text = f"{job['kind']} job #{job['id']}: {job['status']}" + (f" {detail}" if detail != job["status"] else "")
     return html.Div([html.Span(text + " "), progress_bar(job["progress"], job["status"],
                                                          bar_id=f"{prefix}-{job['kind']}-progress")],
                     className="pie-row")
