@@ -27,7 +27,8 @@ from backend import jobs as job_functions  # noqa: E402
 from backend.circuits.pipeline import PruneConfig, run_prune  # noqa: E402
 from backend.interp.explainers import OfflineExplainer  # noqa: E402
 from backend.interp.harvest import HarvestConfig  # noqa: E402
-from backend.interp.pipeline import N_NEW_TOKENS, N_STEER_PROMPTS, ScoreConfig, explain_circuit, score_circuit  # noqa: E402
+from backend.interp.pipeline import (N_NEW_TOKENS, N_STEER_PROMPTS, ScoreConfig, explain_circuit,  # noqa: E402
+                                     score_circuit)
 from backend.interp.raters import OfflineRater  # noqa: E402
 from backend.models.loading import load_model  # noqa: E402
 from backend.models.registry import DEMO_MODEL  # noqa: E402
