@@ -121,7 +121,8 @@ def test_human_example_ratings_give_human_scores(client):
     # The same request again is served from the store, until a new rating makes it stale.
     again = client.post("/api/jobs", json={"kind": "score", "params": score}).json()
     assert again["reused"] and again["status"] == "done"
-    client.post(f"/api/explanations/{expl['id']}/annotations", json={"rating": 1, "label": f"example:{held[0]['rank']}"})
+    client.post(f"/api/explanations/{expl['id']}/annotations",
+                json={"rating": 1, "label": f"example:{held[0]['rank']}"})
     assert not client.post("/api/jobs", json={"kind": "score", "params": score}).json()["reused"]
 
 
