@@ -33,6 +33,9 @@ DEMO_TRANSCODER_DIR = "clt"
 SWEEP_N = 50
 PRUNE_N = 20
 GRAPH_PROMPT = 0
+# The demo steers 4 prompts x 8 tokens per factor (the score job's default is 8 x 16, ~4x the
+# cost): steering is most of the demo's interpretation time on two CPU cores.
+DEMO_STEERING = {"n_steer_prompts": 4, "n_new_tokens": 8}
 
 
 def _say(message: str) -> None:
@@ -54,7 +57,8 @@ def interp_jobs(settings: Settings, circuit_id: int, prompt: int = GRAPH_PROMPT)
     endpoint when one is configured (its rater is then the LLM, not the offline proxy)."""
     agent = "llm" if settings.llm_base_url and settings.llm_model else "offline"
     target = {"circuit_id": circuit_id, "prompt": prompt}
-    return [("explain", {**target, "explainer": agent}), ("score", {**target, "explainer": agent, "rater": agent})]
+    return [("explain", {**target, "explainer": agent}),
+            ("score", {**target, "explainer": agent, "rater": agent, **DEMO_STEERING})]
 
 
 def server_env(settings: Settings) -> dict[str, str]:
