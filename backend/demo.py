@@ -2,13 +2,21 @@
 
 1. the demo model (converted once from the GGUF in its PyPI package into models_cache);
 2. its CLT (trained once, ~20 minutes on 2 cores, then reused);
-3. the worker API, with an IOI sweep, a FAP circuit and its attribution graph stored through it
-   (identical requests are served from the store, so a second `make demo` starts in seconds);
-4. the dashboard, whose URL is printed. Ctrl-C stops both servers.
+3. the worker API, with an IOI sweep, a FAP circuit and its attribution graph stored through it;
+4. PIE's Interpret and Evaluate on that circuit: the features of the graph's nodes are harvested,
+   explained and FADE-scored (`interp_jobs`: offline explainer and proxy rater by default, the
+   LLM endpoint when PIESCOPE_LLM_BASE_URL and PIESCOPE_LLM_MODEL are set), so every feature node
+   of the graph opens a feature page with examples, an explanation and scores labelled by rater;
+5. the dashboard, whose URL is printed. Ctrl-C stops both servers.
+Every step is a job with a progress bar; identical requests are served from the store, so a
+second `make demo` reuses everything and starts in seconds. Ports and the data directory come
+from the settings (PIESCOPE_API_PORT, PIESCOPE_DASH_PORT, PIESCOPE_DATA_DIR...), passed on to
+the servers it starts.
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -24,6 +32,10 @@ from backend.settings import Settings
 DEMO_TRANSCODER_DIR = "clt"
 SWEEP_N = 50
 PRUNE_N = 20
+GRAPH_PROMPT = 0
+# The demo steers 4 prompts x 8 tokens per factor (the score job's default is 8 x 16, ~4x the
+# cost): steering is most of the demo's interpretation time on two CPU cores.
+DEMO_STEERING = {"n_steer_prompts": 4, "n_new_tokens": 8}
 
 
 def _say(message: str) -> None:
@@ -38,6 +50,23 @@ def demo_jobs(model: str, transcoder: str) -> list[tuple[str, dict[str, Any]]]:
                    "ks": [50, 100, 200, 400, 800]}),
         ("prune", {**dataset, "n": PRUNE_N, "method": "fap", "k": 50}),
     ]
+
+
+def interp_jobs(settings: Settings, circuit_id: int, prompt: int = GRAPH_PROMPT) -> list[tuple[str, dict[str, Any]]]:
+    """Explain and score the features of the stored graph's prompt: offline, or with the LLM
+    endpoint when one is configured (its rater is then the LLM, not the offline proxy)."""
+    agent = "llm" if settings.llm_base_url and settings.llm_model else "offline"
+    target = {"circuit_id": circuit_id, "prompt": prompt}
+    return [("explain", {**target, "explainer": agent}),
+            ("score", {**target, "explainer": agent, "rater": agent, **DEMO_STEERING})]
+
+
+def server_env(settings: Settings) -> dict[str, str]:
+    """The environment of the servers the demo starts: its own settings win over the shell's."""
+    return {**os.environ, "PIESCOPE_DATA_DIR": str(settings.data_dir), "PIESCOPE_MODELS_CACHE":
+            str(settings.models_cache), "PIESCOPE_API_HOST": settings.api_host,
+            "PIESCOPE_API_PORT": str(settings.api_port), "PIESCOPE_API_URL": settings.api_url,
+            "PIESCOPE_DASH_HOST": settings.dash_host, "PIESCOPE_DASH_PORT": str(settings.dash_port)}
 
 
 def run_demo(settings: Settings, n: int = 20, serve: bool = True) -> None:
@@ -60,17 +89,16 @@ def run_demo(settings: Settings, n: int = 20, serve: bool = True) -> None:
     with ExitStack() as stack:
         logs = Path(settings.data_dir)
         logs.mkdir(parents=True, exist_ok=True)
-        api = stack.enter_context(_server([sys.executable, "-m", "backend.cli", "serve"], logs / "worker.log"))
+        env = server_env(settings)
+        api = stack.enter_context(_server([sys.executable, "-m", "backend.cli", "serve"], logs / "worker.log", env))
         client = stack.enter_context(httpx.Client(base_url=settings.api_url, timeout=30,
                                                   headers=_auth(settings)))
-        _wait_healthy(client, api)
-        circuit_id = None
-        for kind, params in demo_jobs(DEMO_MODEL, transcoder):
-            job = _run_job(client, kind, params)
-            circuit_id = job.get("circuit_id") or circuit_id
-        if circuit_id is not None:
-            _run_job(client, "graph", {"circuit_id": circuit_id, "prompt": 0})
-        dash = stack.enter_context(_server([sys.executable, "-m", "backend.cli", "dash"], logs / "dashboard.log"))
+        _wait_healthy(client, api, settings)
+        started = time.monotonic()
+        run_pipeline(client, settings, demo_jobs(DEMO_MODEL, transcoder))
+        _say(f"jobs took {time.monotonic() - started:.0f} s (seconds when every result came from the store)")
+        dash = stack.enter_context(_server([sys.executable, "-m", "backend.cli", "dash"], logs / "dashboard.log",
+                                           env))
         url = f"http://{settings.dash_host}:{settings.dash_port}/"
         print(f"\nPIEscope is running:\n  dashboard  {url}\n  worker API {settings.api_url}/docs\n"
               f"  logs       {logs / 'worker.log'}, {logs / 'dashboard.log'}\nPress Ctrl-C to stop.", flush=True)
@@ -81,6 +109,21 @@ def run_demo(settings: Settings, n: int = 20, serve: bool = True) -> None:
             print("\nstopping", file=sys.stderr)
 
 
+def run_pipeline(client: httpx.Client, settings: Settings, jobs: list[tuple[str, dict[str, Any]]]) -> int | None:
+    """All of PIE through the API: `jobs` (a sweep and a prune), the circuit's graph on
+    GRAPH_PROMPT, then explain and score its features. Returns the circuit id."""
+    circuit_id = None
+    for kind, params in jobs:
+        job = _run_job(client, kind, params)
+        circuit_id = job.get("circuit_id") or circuit_id
+    if circuit_id is not None:
+        _run_job(client, "graph", {"circuit_id": circuit_id, "prompt": GRAPH_PROMPT})
+        for kind, params in interp_jobs(settings, circuit_id):
+            _run_job(client, kind, params)
+        _say(_interp_summary(client, circuit_id))
+    return circuit_id
+
+
 def _auth(settings: Settings) -> dict[str, str]:
     return {"Authorization": f"Bearer {settings.api_token}"} if settings.api_token else {}
 
@@ -88,12 +131,12 @@ def _auth(settings: Settings) -> dict[str, str]:
 class _server:
     """A child process, its output appended to a log file, terminated when the block ends."""
 
-    def __init__(self, argv: list[str], log: Path) -> None:
-        self.argv, self.log = argv, log
+    def __init__(self, argv: list[str], log: Path, env: dict[str, str] | None = None) -> None:
+        self.argv, self.log, self.env = argv, log, env
 
     def __enter__(self) -> subprocess.Popen:
         self.out = open(self.log, "a")
-        self.proc = subprocess.Popen(self.argv, stdout=self.out, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(self.argv, stdout=self.out, stderr=subprocess.STDOUT, env=self.env)
         return self.proc
 
     def __exit__(self, *exc: object) -> None:
@@ -105,12 +148,26 @@ class _server:
             self.proc.kill()
 
 
-def _wait_healthy(client: httpx.Client, proc: subprocess.Popen, timeout: float = 120) -> None:
+def _interp_summary(client: httpx.Client, circuit_id: int) -> str:
+    """One line: how many of the graph's features have examples, an explanation and scores."""
+    view = client.get(f"/api/circuits/{circuit_id}/interpretation").json()
+    feats = view["features"]
+    explained = [f for f in feats if f["explanations"]]
+    scored = [f for f in explained if f["explanations"][-1]["scores"]]
+    raters = sorted({s["rater"] + (" (proxy)" if s["proxy"] else "") for f in scored
+                     for s in f["explanations"][-1]["scores"]})
+    cost = view["cost"]
+    return (f"interpretation of circuit {circuit_id}: {sum(bool(f['examples']) for f in feats)} features with "
+            f"examples, {len(explained)} explained, {len(scored)} scored by {', '.join(raters) or 'no rater'}; "
+            f"{cost.get('explain_calls', 0)} explainer and {cost.get('score_calls', 0)} rater calls")
+
+
+def _wait_healthy(client: httpx.Client, proc: subprocess.Popen, settings: Settings, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise UserError("the worker API exited at start-up (is port 8000 in use? set PIESCOPE_API_PORT "
-                            "and PIESCOPE_API_URL); see data/worker.log")
+            raise UserError(f"the worker API exited at start-up (is port {settings.api_port} in use? set "
+                            f"PIESCOPE_API_PORT); see {Path(settings.data_dir) / 'worker.log'}")
         try:
             if client.get("/api/health").status_code == 200:
                 return

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from backend.errors import InvalidParameterError, NotFoundError, UserError
 from backend.settings import Settings
@@ -128,12 +128,29 @@ class GraphParams(BaseModel):
 CORPORA: tuple[str, ...] = ("default", "stories")
 
 
-class ExplainParams(BaseModel):
-    """Harvest and explain the features of a stored circuit (DESIGN 7)."""
+class InterpTarget(BaseModel):
+    """Which features to interpret: a stored circuit's (all, its top N, or those kept on one
+    prompt), or one stored feature (`feature_id`, the dashboard's feature page)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    circuit_id: int = Field(ge=1)
+    circuit_id: int | None = Field(None, ge=1)
+    feature_id: int | None = Field(None, ge=1, description="one stored feature instead of a circuit's")
+    prompt: int | None = Field(None, ge=0, le=MAX_N,
+                               description="with circuit_id: only the features kept on this prompt")
+
+    @model_validator(mode="after")
+    def _one_target(self):
+        if (self.circuit_id is None) == (self.feature_id is None):
+            raise ValueError("give exactly one of circuit_id and feature_id")
+        if self.prompt is not None and self.circuit_id is None:
+            raise ValueError("prompt selects a circuit's features: it needs circuit_id")
+        return self
+
+
+class ExplainParams(InterpTarget):
+    """Harvest and explain the features of a stored circuit, or one feature (DESIGN 7)."""
+
     explainer: Literal["offline", "llm"] = "offline"
     top_n: int | None = Field(None, ge=1, le=MAX_K, description="the circuit's top features; all when unset")
     corpus: Literal["default", "stories"] = Field("default", description="default: Python docs + stories")
@@ -141,12 +158,12 @@ class ExplainParams(BaseModel):
     force: bool = Field(False, description="explain again features already explained by this explainer")
 
 
-class ScoreParams(BaseModel):
-    """FADE scores of the explanations of a stored circuit's features (DESIGN 7)."""
+class ScoreParams(InterpTarget):
+    """FADE scores of the explanations of a stored circuit's features, or one feature's (DESIGN 7).
 
-    model_config = ConfigDict(extra="forbid")
+    Texts come from held-out corpus documents only (never what the explainer saw); the
+    faithfulness defaults are 8 prompts x 16 new tokens per steering factor."""
 
-    circuit_id: int = Field(ge=1)
     explainer: Literal["offline", "llm", "human", "any"] = Field("any", description="which explanations")
     rater: Literal["offline", "llm"] = "offline"
     top_n: int | None = Field(None, ge=1, le=MAX_K)
@@ -156,8 +173,8 @@ class ScoreParams(BaseModel):
     n_generated: int = Field(10, ge=2, le=100, description="texts written to express each concept")
     faithfulness: bool = True
     factors: list[float] = Field(default_factory=lambda: [-50.0, -10.0, 0.0, 10.0, 50.0], min_length=2, max_length=20)
-    n_steer_prompts: int = Field(2, ge=1, le=32)
-    n_new_tokens: int = Field(8, ge=1, le=64)
+    n_steer_prompts: int = Field(8, ge=1, le=32, description="held-out prompts steered per factor")
+    n_new_tokens: int = Field(16, ge=1, le=64, description="greedy tokens generated per steered prompt")
 
     @field_validator("factors")
     @classmethod
@@ -353,8 +370,31 @@ def corpus_documents(name: str, seed: int = 0) -> list[str]:
     return load_corpus(None, seed=seed)
 
 
-def _circuit_features(info, top_n: int | None) -> list[tuple[int, int]]:
-    return info.features if top_n is None else info.features[:top_n]
+def _targets(store, params: InterpTarget, top_n: int | None):
+    """(circuit info or None, model, transcoder, features) that an explain/score job works on."""
+    if params.feature_id is not None:
+        model, transcoder, key = store.feature(params.feature_id)
+        return None, model, transcoder, [key]
+    info = store.circuit(params.circuit_id)
+    if params.prompt is not None and params.prompt >= len(info.prompt_features):
+        raise InvalidParameterError(f"prompt {params.prompt} out of range: circuit {info.id} has "
+                                    f"{len(info.prompt_features)} prompts")
+    return info, info.model, info.transcoder, info.features_of(params.prompt, top_n)
+
+
+def interpreters(settings: Settings) -> dict[str, list[dict[str, Any]]]:
+    """The explainers and raters this worker can use: offline always, llm only when
+    PIESCOPE_LLM_BASE_URL and PIESCOPE_LLM_MODEL are set."""
+    from backend.interp.explainers import OFFLINE_MODEL
+    from backend.interp.raters import OFFLINE_RATER, PROXY_NOTE
+    explainers = [{"name": "offline", "model": OFFLINE_MODEL, "description": "a deterministic heuristic "
+                   "(frequent highlighted tokens and logit lens), not a language model"}]
+    raters = [{"name": "offline", "rater": OFFLINE_RATER, "proxy": True, "description": PROXY_NOTE}]
+    if settings.llm_base_url and settings.llm_model:
+        explainers.append({"name": "llm", "model": settings.llm_model, "description": "the configured endpoint"})
+        raters.append({"name": "llm", "rater": f"llm:{settings.llm_model}", "proxy": False,
+                       "description": "the configured endpoint"})
+    return {"explainers": explainers, "raters": raters}
 
 
 def _active_features(context: JobContext, info) -> int:
@@ -378,28 +418,27 @@ def run_explain(context: JobContext, params: ExplainParams, store, progress: Pro
     from backend.interp.llm import LLMClient, LLMConfig
     from backend.interp.pipeline import explain_circuit
     say = progress or (lambda f, m: None)
-    info = store.circuit(params.circuit_id)
-    features = _circuit_features(info, params.top_n)
+    info, model, transcoder_name, features = _targets(store, params, params.top_n)
     client = LLMClient(LLMConfig.from_settings(context.settings)) if params.explainer == "llm" else None
     explainer = LLMExplainer(client) if client else OfflineExplainer()
-    adapter, transcoder = context.adapter(info.model), context.transcoder(info.transcoder)
+    adapter, transcoder = context.adapter(model), context.transcoder(transcoder_name)
     try:
-        report = explain_circuit(adapter, transcoder, store, info.transcoder, features,
+        report = explain_circuit(adapter, transcoder, store, transcoder_name, features,
                                  corpus_documents(params.corpus), explainer, params.corpus,
                                  HarvestConfig(n_tokens=params.corpus_tokens), force=params.force,
                                  progress=lambda f, m: say(0.9 * f, m))
     finally:
         if client:
             client.close()
-    active = info.cost.get("active_features")
-    if active is None:
-        say(0.9, "counting the features active on the circuit's prompts")
-        active = _active_features(context, info)
-    per_feature = report.calls / report.explained if report.explained else 1.0
     cost = {"explainer": f"{explainer.source}:{explainer.model}", "explain_calls": report.calls,
-            "explain_tokens": report.tokens, "explained_features": report.explained + report.reused,
-            "active_features": active,
-            "calls_if_all_active": round(active * per_feature)}
+            "explain_tokens": report.tokens, "explained_features": report.explained + report.reused}
+    if info is not None:  # what explaining every active feature would have cost, instead of the circuit's
+        active = info.cost.get("active_features")
+        if active is None:
+            say(0.9, "counting the features active on the circuit's prompts")
+            active = _active_features(context, info)
+        per_feature = report.calls / report.explained if report.explained else 1.0
+        cost.update(active_features=active, calls_if_all_active=round(active * per_feature))
     say(1.0, f"explained {report.explained} features ({len(report.errors)} errors)")
     return JobOutput({"report": asdict(report), "cost": cost}, [])
 
@@ -410,24 +449,24 @@ def run_score(context: JobContext, params: ScoreParams, store, progress: Progres
 
     from backend.interp.llm import LLMClient, LLMConfig
     from backend.interp.pipeline import ScoreConfig, score_circuit
-    from backend.interp.raters import LLMRater, OfflineRater
-    info = store.circuit(params.circuit_id)
-    features = _circuit_features(info, params.top_n)
+    from backend.interp.raters import LLMRater, OfflineRater, is_proxy
+    info, model, transcoder_name, features = _targets(store, params, params.top_n)
     client = LLMClient(LLMConfig.from_settings(context.settings)) if params.rater == "llm" else None
     rater = LLMRater(client) if client else OfflineRater()
-    adapter, transcoder = context.adapter(info.model), context.transcoder(info.transcoder)
+    adapter, transcoder = context.adapter(model), context.transcoder(transcoder_name)
     config = ScoreConfig(n_natural=params.n_natural, n_generated=params.n_generated,
                          faithfulness=params.faithfulness, factors=tuple(params.factors),
                          n_steer_prompts=params.n_steer_prompts, n_new_tokens=params.n_new_tokens)
     try:
-        report = score_circuit(adapter, transcoder, store, info.transcoder, features,
-                               corpus_documents(params.corpus), rater, params.explainer, config, progress)
+        report = score_circuit(adapter, transcoder, store, transcoder_name, features,
+                               corpus_documents(params.corpus), rater, params.explainer, config, progress,
+                               corpus=params.corpus)
     finally:
         if client:
             client.close()
-    active = info.cost.get("active_features")
+    active = info.cost.get("active_features") if info is not None else None
     per_feature = report.calls / report.scored if report.scored else 0.0
-    cost = {"rater": rater.name, "score_calls": report.calls, "score_tokens": report.tokens,
-            "scored_features": report.scored,
+    cost = {"rater": rater.name, "rater_proxy": is_proxy(rater.name), "score_calls": report.calls,
+            "score_tokens": report.tokens, "scored_features": report.scored,
             "score_calls_if_all_active": None if active is None else round(active * per_feature)}
     return JobOutput({"report": asdict(report), "cost": cost}, [])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 _REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -26,13 +26,22 @@ class Settings(BaseSettings):
     api_host: str = "127.0.0.1"
     api_port: int = 8000
     api_token: str | None = None
-    api_url: str = "http://127.0.0.1:8000"
+    api_url: str = Field(default="http://127.0.0.1:8000",
+                         description="where the dashboard (and the demo) reach the API; when unset, "
+                                     "http://<api_host>:<api_port> (127.0.0.1 for a wildcard host)")
     dash_host: str = "127.0.0.1"
     dash_port: int = 8050
 
     llm_base_url: str | None = None
     llm_api_key: str | None = None
     llm_model: str | None = None
+
+    @model_validator(mode="after")
+    def _api_url_follows_port(self) -> Settings:
+        if "api_url" not in self.model_fields_set:
+            host = "127.0.0.1" if self.api_host in ("0.0.0.0", "::", "") else self.api_host
+            self.api_url = f"http://{host}:{self.api_port}"
+        return self
 
     @property
     def database_url(self) -> str:

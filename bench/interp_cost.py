@@ -7,9 +7,10 @@
    feature active on the same prompts (PIE: pruning first makes interpretation ~40x cheaper).
    One explainer call per feature; rater calls as the score job makes them.
 2. Quality: FADE clarity / responsiveness / purity (and faithfulness with --faithfulness) of
-   the explanations of fap, fap-synergy and random circuits at K=50, with the offline explainer
-   and the offline *proxy* rater (token matching, not a judgement of meaning); again with the
-   LLM endpoint when PIESCOPE_LLM_BASE_URL/_MODEL are set (or --llm).
+   the explanations of fap, fap-synergy and random circuits at K=50, on held-out texts, with the
+   offline explainer and the offline *proxy* rater (token matching, not a judgement of meaning);
+   again with the LLM endpoint when PIESCOPE_LLM_BASE_URL/_MODEL are set (or --llm), in a
+   separate table: proxy scores are never compared with LLM ones.
 
 Runs the same job functions as the API, on a temporary SQLite store. Prints Markdown tables.
 """
@@ -162,12 +163,21 @@ def main() -> None:
                 row[m] = mean_or_none(vals)
                 row[f"n {m[:5]}."] = len(vals)
             row["errors"] = len(result["report"]["errors"])
-            quality_rows.append(row)
-    print(f"## 2. FADE quality at K={args.quality_k} (mean over the top {args.top_n or 'all'} features "
-          "of each circuit; metrics undefined for a feature are left out, counts alongside)\n")
-    print(table(quality_rows))
-    print("\nThe offline rater is a proxy (token matching against the explanation's quoted tokens), and the "
-          "offline explainer a heuristic: these numbers test the pipeline, not the meaning of features.\n")
+            quality_rows.append((result["cost"]["rater_proxy"], row))
+    # Proxy scores (the offline lexical rater) are never tabled beside LLM or human ones.
+    for proxy, title in ((True, "proxy scores: the offline lexical rater (not comparable with LLM or human "
+                                "ratings)"), (False, "the LLM rater")):
+        rows = [row for p, row in quality_rows if p == proxy]
+        if not rows:
+            continue
+        print(f"## 2{'a' if proxy else 'b'}. FADE at K={args.quality_k}, {title} (mean over the top "
+              f"{args.top_n or 'all'} features of each circuit, on held-out texts; metrics undefined for a "
+              "feature are left out, counts alongside)\n")
+        print(table(rows))
+        print()
+    print("The offline rater is a proxy (token matching against the explanation's quoted tokens), and the "
+          "offline explainer a heuristic: on held-out texts its scores say whether the quoted tokens predict "
+          "the feature's activation, not what the feature means.\n")
     engine.dispose()
     print(f"total {time.perf_counter() - t0:.0f} s; store {tmp / 'piescope.db'}")
 

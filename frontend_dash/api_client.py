@@ -82,6 +82,10 @@ class ApiClient:
     def transcoders(self) -> list[dict[str, Any]]:
         return self.get("/api/transcoders")
 
+    def interpreters(self) -> dict[str, list[dict[str, Any]]]:
+        """{"explainers": [...], "raters": [...]} the worker offers (llm only when configured)."""
+        return self.get("/api/interpreters")
+
     # ------------------------------------------------------------------ results
 
     def circuits(self, **filters: Any) -> dict[str, Any]:

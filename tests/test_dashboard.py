@@ -13,10 +13,11 @@ import pytest
 
 from frontend_dash.components.compare import feature_sets, jaccard, kl_difference_figure, kl_pairs
 from frontend_dash.components.feature_views import (EXAMPLE_RATING, example_label, example_rank, example_ratings,
-                                                    examples_view, histogram_figure, logit_lens_view, score_summary)
+                                                    examples_view, histogram_figure, logit_lens_view, score_groups,
+                                                    score_summary, scores_view)
 from frontend_dash.components.graph_figure import (aggregate_figure, clicked_feature, edge_traces, graph_figure,
                                                    layout_prompt_nodes, stored_graphs)
-from frontend_dash.components.job_form import job_requests, parse_budgets
+from frontend_dash.components.job_form import interp_request, job_requests, parse_budgets
 from frontend_dash.components.kl_figure import compression_rows, kl_vs_k_figure
 from tests.browser import SCREENSHOTS, dash_stack, driver, severe_console_entries, tiny_cache  # noqa: F401
 
@@ -159,6 +160,39 @@ def test_feature_views_render_statistics_as_text_or_say_not_harvested():
     scores = [{"id": 1, "metric": "clarity", "value": 0.5, "rater": "offline", "created_at": "2024-01-01"},
               {"id": 2, "metric": "clarity", "value": 0.7, "rater": "offline", "created_at": "2024-01-02"}]
     assert score_summary(scores) == "clarity 0.7 (offline)"
+
+
+def test_scores_are_shown_by_rater_with_the_proxy_apart():
+    def score(i, metric, value, rater, proxy):
+        return {"id": i, "metric": metric, "value": value, "rater": rater, "proxy": proxy, "created_at": "2024"}
+    scores = [score(1, "purity", 0.9, "offline-proxy", True), score(2, "purity", 0.4, "human", False),
+              score(3, "clarity", 0.5, "llm:m", False), score(4, "purity", 0.6, "llm:m", False)]
+    assert score_groups(scores) == [("human", False, "purity 0.4"), ("llm:m", False, "clarity 0.5 · purity 0.6"),
+                                    ("offline-proxy", True, "purity 0.9")]
+    lines = scores_view(scores).children
+    assert [line.children.split(":")[0] for line in lines[:2]] == ["FADE by human", "FADE by llm"]
+    assert lines[2].children.startswith("FADE by offline-proxy, proxy") and "pie-score-proxy" in lines[2].className
+    assert "no scores yet" in scores_view([]).children
+
+
+def test_examples_say_which_split_they_are_and_only_held_out_ones_are_rateable():
+    examples = [{"rank": 0, "tokens": ["a"], "activations": [1.0], "max_activation": 1.0, "split": "explain"},
+                {"rank": 1, "tokens": ["b"], "activations": [0.5], "max_activation": 0.5, "split": "holdout"}]
+    lines = examples_view(examples, rateable=True).children
+    assert "seen by the explainer" in lines[0].children[0].children and "held out" in lines[1].children[1].children
+    assert getattr(lines[0].children[0], "id", None) is None
+    assert lines[1].children[0].id == {"type": EXAMPLE_RATING, "rank": 1}
+
+
+def test_interp_requests():
+    from frontend_dash.components.interp_launch import requests_for
+    explain, score = requests_for({"circuit_id": 3, "prompt": 0}, "offline", "offline", "stories")
+    assert explain == {"circuit_id": 3, "prompt": 0, "explainer": "offline", "corpus": "stories"}
+    assert score == {**explain, "rater": "offline"}
+    assert interp_request("score", 4, "llm", "offline") == {
+        "kind": "score", "params": {"circuit_id": 4, "explainer": "llm", "corpus": "default", "rater": "offline"}}
+    with pytest.raises(ValueError):
+        interp_request("explain", None, "offline", "offline")
 
 
 def test_example_rating_views_key_controls_by_rank_and_pick_the_newest_rating():
@@ -404,4 +438,93 @@ def test_rating_an_example_saves_one_example_annotation_and_rerating_edits_it(da
     assert "example:0" not in driver.find_element(By.CSS_SELECTOR, "#feature-explanations").text
     assert len(dash_stack.api.get(f"/api/explanations/{explanation_id}/annotations").json()) == 1
     assert driver.execute_script("return window.__xss") is None
+    assert severe_console_entries(driver) == []
+
+
+# ------------------------------------------------------------------------------ interpret and evaluate from the pages
+
+def test_explain_and_score_from_a_circuit_page_fills_the_feature_pages(dash_stack, driver):  # noqa: F811
+    """The circuit page's "Explain and score this circuit" runs an explain then a score job with live
+    progress; afterwards the graph's feature nodes open panels and pages with examples, an
+    explanation and FADE scores labelled by rater (the offline one marked proxy)."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    from tests.browser import DATASET, TINY_CLT, run_job
+    job = run_job(dash_stack.api, "prune", {**DATASET, "n": 2, "seed": 7, "method": "fap", "k": 3, "batch_size": 2})
+    circuit_id = job["circuit_id"]
+    run_job(dash_stack.api, "graph", {"circuit_id": circuit_id, "prompt": 1})
+    graph = dash_stack.api.get(f"/api/circuits/{circuit_id}").json()["graphs"]["1"]["graphs"][0]
+    nodes = sorted({(n["layer"], n["feature"]) for n in graph["nodes"] if n["kind"] == "feature"})
+    # A person's explanation with markup, on one of the features: it must stay text.
+    first = dash_stack.api.get("/api/features/lookup", params={"transcoder": TINY_CLT, "layer": nodes[0][0],
+                                                              "index": nodes[0][1]}).json()
+    assert dash_stack.api.post(f"/api/features/{first['id']}/explanations", json={"text": XSS}).status_code == 201
+
+    _open(driver, dash_stack, f"/circuit?id={circuit_id}&prompt=1", "#circuit-interp-launch")
+    assert "llm" not in driver.find_element(By.CSS_SELECTOR, "#circuit-interp-explainer").text  # not configured
+    _choose(driver, "circuit-interp-corpus", "IOI-like stories")
+    driver.find_element(By.CSS_SELECTOR, "#circuit-interp-launch").click()
+    _wait(driver, _text_in("#circuit-interp-status", "explain job #"))
+    _wait(driver, _text_in("#circuit-interp-status", "explained and scored"), timeout=240)
+    status = driver.find_element(By.CSS_SELECTOR, "#circuit-interp-status").text
+    assert "score job #" in status and status.count("100%") == 2 and "failed" not in status
+    _screenshot(driver, "circuit_explained_and_scored")
+
+    # Every feature node of the prompt's graph now has examples, an offline explanation and proxy scores.
+    for layer, index in nodes:
+        feature = dash_stack.api.get("/api/features/lookup", params={"transcoder": TINY_CLT, "layer": layer,
+                                                                    "index": index}).json()
+        offline = [e for e in feature["explanations"] if e["source"] == "offline"]
+        assert offline and feature["examples"], (layer, index)
+        scores = dash_stack.api.get(f"/api/explanations/{offline[-1]['id']}/scores").json()
+        assert scores and all(s["rater"] == "offline-proxy" and s["proxy"] for s in scores)
+
+    # Clicking a node shows its explanation and scores by rater in the panel.
+    index = driver.execute_script(
+        "const gd = document.querySelector('#circuit-graph .js-plotly-plot');"
+        "return gd.data.findIndex(t => t.name === 'feature');")
+    point = driver.find_elements(By.CSS_SELECTOR, "#circuit-graph .scatterlayer .trace")[index] \
+        .find_elements(By.CSS_SELECTOR, "path.point")[0]
+    ActionChains(driver).move_to_element(point).pause(0.3).click().perform()
+    _wait(driver, _text_in("#circuit-feature-panel", "FADE by offline-proxy, proxy"))
+    assert "examples" in driver.find_element(By.CSS_SELECTOR, "#circuit-feature-panel").text
+
+    # The feature page: examples (seen by the explainer / held out), the explanation, scores by rater.
+    _open(driver, dash_stack, f"/feature?id={first['id']}", ".pie-example")
+    _wait(driver, _text_in("#feature-explanations", "FADE by offline-proxy, proxy"))
+    page = driver.find_element(By.CSS_SELECTOR, "body").text
+    assert "seen by the explainer" in page and "held out" in page and "Offline heuristic" in page
+    assert XSS in [e.text for e in driver.find_elements(By.CSS_SELECTOR, ".pie-explanation-text")]
+    assert not driver.find_elements(By.CSS_SELECTOR, "#feature-explanations img, #feature-explanations script")
+    assert not driver.find_elements(By.CSS_SELECTOR, ".pie-example[data-split='explain'] input")  # not rateable
+    assert driver.execute_script("return window.__xss") is None
+    _screenshot(driver, "feature_explained_and_scored")
+    assert severe_console_entries(driver) == []
+
+
+def test_harvest_explain_and_score_one_feature_from_its_page(dash_stack, driver):  # noqa: F811
+    from selenium.webdriver.common.by import By
+
+    from backend.store import queries
+    from backend.store.db import make_engine, session_factory, transaction
+    from tests.browser import TINY_CLT
+    engine = make_engine(dash_stack.settings.database_url)
+    try:
+        with transaction(session_factory(engine)) as s:  # a feature that is stored but was never harvested
+            feature_id = queries.get_or_create_feature(s, queries.find_transcoder(s, TINY_CLT), 1, 5).id
+    finally:
+        engine.dispose()
+    if dash_stack.api.get(f"/api/features/{feature_id}").json()["examples"]:
+        pytest.skip("feature 1/5 was harvested by an earlier test")  # pragma: no cover
+    _open(driver, dash_stack, f"/feature?id={feature_id}", "#feature-interp-launch")
+    assert _text_in("#feature-evidence", "not harvested yet")(driver)
+    _choose(driver, "feature-interp-corpus", "IOI-like stories")
+    driver.find_element(By.CSS_SELECTOR, "#feature-interp-launch").click()
+    _wait(driver, _text_in("#feature-interp-status", "explained and scored"), timeout=240)
+    _wait(driver, _css("#feature-evidence .pie-example"))
+    _wait(driver, _text_in("#feature-explanations", "Offline heuristic"))
+    _wait(driver, _text_in("#feature-explanations", "FADE by offline-proxy"))
+    assert driver.find_elements(By.CSS_SELECTOR, ".pie-example[data-split='holdout'] input[value='2']")
+    _screenshot(driver, "feature_harvested_from_its_page")
     assert severe_console_entries(driver) == []

@@ -54,3 +54,24 @@ def test_pie_invariants_on_the_demo_model(demo_adapter):
     exact = ctx.single_effects(top)
     corr = torch.corrcoef(torch.stack([runs.fap[top], exact]))[0, 1]
     assert corr > 0.8, corr
+
+
+def test_cached_steering_on_the_demo_model_equals_rerunning_every_step(demo_adapter):
+    """Gemma-3-270M mixes sliding-window and global attention: the key/value cache of steered
+    generation must give the tokens of rerunning the whole sequence at every step."""
+    import torch
+
+    from backend.interp.steering import steered_continuations
+    from backend.models.transcoder import Transcoder, TranscoderConfig
+
+    tc = Transcoder.random(TranscoderConfig("clt", demo_adapter.n_layers, demo_adapter.d_model, 8, "relu"), seed=0)
+    prompts = get_task("ioi").build(demo_adapter.tokenizer, 2, seed=0).clean_ids[:, :6]
+    out = steered_continuations(demo_adapter, tc, [(3, 2)], [1.0], prompts, factors=(0.0, 8.0), n_new=5)
+    rows = tc.decoder_rows(3, torch.tensor([2]))[0]
+    for i, factor in enumerate((0.0, 8.0)):
+        seq = prompts.clone()
+        for _ in range(5):
+            patch = torch.zeros(demo_adapter.n_layers, 2, seq.shape[1], demo_adapter.d_model)
+            patch[3:, :, 5:] = factor * rows[:, None, None, :]
+            seq = torch.cat([seq, demo_adapter.run(seq, patch=patch).logits.argmax(-1, keepdim=True)], dim=1)
+        assert torch.equal(out[0, i], seq[:, 6:]), factor

@@ -12,10 +12,10 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 from backend.interp import fade
 from backend.interp.explainers import (FeatureInput, OfflineExplainer, explanation_prompt, mark_example,
                                        parse_explanation)
-from backend.interp.harvest import (HarvestConfig, corpus_windows, encode_features, harvest, histograms,
-                                    sparse_activations, window_activations)
+from backend.interp.harvest import (SPLITS, HarvestConfig, corpus_windows, encode_features, harvest, histograms,
+                                    sparse_activations, split_of, window_activations)
 from backend.interp.llm import MalformedReply
-from backend.interp.raters import OfflineRater, key_tokens, parse_ratings
+from backend.interp.raters import OfflineRater, is_proxy, key_tokens, parse_ratings
 from backend.interp.steering import steered_continuations
 from backend.models.corpus import story_documents
 from tests.pie_fixtures import pie_setup
@@ -158,15 +158,25 @@ def test_harvest_statistics_and_examples(setup, docs):
         assert s["density"] == pytest.approx(float((col > 0).float().mean()))
         assert s["max_activation"] == pytest.approx(float(col.max()))
         assert sum(s["histogram"]["counts"]) == int((col > 0).sum())
-        quantiles = [e["quantile"] for e in r.examples]
-        assert quantiles == sorted(quantiles) and quantiles.count(0) <= 3
-        maxima = [e["max_activation"] for e in r.examples]
-        assert maxima == sorted(maxima, reverse=True)
+        assert s["split"]["explain_windows"] + s["split"]["holdout_windows"] == windows.ids.shape[0]
+        splits = [e["split"] for e in r.examples]
+        assert splits == sorted(splits)                                 # explain first, then holdout
+        for name in SPLITS:  # each split sampled on its own: top examples, then quantiles, high to low
+            mine = [e for e in r.examples if e["split"] == name]
+            quantiles = [e["quantile"] for e in mine]
+            assert quantiles == sorted(quantiles) and quantiles.count(0) <= 3
+            maxima = [e["max_activation"] for e in mine]
+            assert maxima == sorted(maxima, reverse=True)
+            in_split = torch.tensor([split_of(d) == name for d in windows.doc])
+            best = acts[in_split][..., j][valid[in_split]].max() if in_split.any() else torch.tensor(0.0)
+            if mine:
+                assert mine[0]["max_activation"] == pytest.approx(float(best))
         if r.examples:
-            assert r.examples[0]["max_activation"] == pytest.approx(s["max_activation"])
+            assert max(e["max_activation"] for e in r.examples) == pytest.approx(s["max_activation"])
         for e in r.examples:  # each window's activations are the dense ones around its max
             fields = dict(part.split("=") for part in e["source"].split(";"))
             w, p = int(fields["window"]), int(fields["pos"])
+            assert split_of(int(fields["doc"])) == e["split"] and windows.doc[w] == int(fields["doc"])
             lo = max(1, p - config.before)
             want = acts[w, lo:lo + len(e["activations"]), j]
             assert e["activations"] == pytest.approx(want.tolist(), abs=1e-4)
@@ -219,6 +229,7 @@ def test_offline_rater_is_a_token_proxy():
     rater = OfflineRater(per_call=2)
     assert rater.rate('Fires on "John"', ["John left.", "Johnny left.", "Mary left."]) == [2, 1, 0]
     assert rater.calls == 2 and rater.tokens == 0 and rater.name == "offline-proxy"
+    assert is_proxy(rater.name) and not is_proxy("llm:gpt-4o") and not is_proxy("human")
     texts = rater.generate('Fires on "John", "Tom"', 4)
     assert len(texts) == 4 and all(rater.rate('Fires on "John", "Tom"', [t]) == [2] for t in texts)
 
@@ -231,14 +242,26 @@ def test_parse_ratings():
 
 # ------------------------------------------------------------------------------ steering
 
-def test_factor_zero_is_plain_greedy_decoding_and_steering_changes_it(setup):
-    adapter, tc = setup.adapter, setup.transcoder
-    prompts = setup.batch.clean_ids[:2, :5]
-    out = steered_continuations(adapter, tc, [(0, 3), (1, 7)], [1.0, 2.0], prompts, factors=(0.0, 500.0), n_new=3)
-    assert out.shape == (2, 2, 2, 3)
-    seq = prompts.clone()
-    for _ in range(3):
-        seq = torch.cat([seq, adapter.run(seq).logits.argmax(-1, keepdim=True)], dim=1)
-    assert torch.equal(out[0, 0], seq[:, 5:]) and torch.equal(out[1, 0], seq[:, 5:])
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "gemma2", "gpt2"])
+def test_steering_with_the_cache_equals_rerunning_every_step(arch):
+    """Cached generation (prompt once, then one token a step) gives the tokens that rerunning the
+    whole sequence with the steer at every step gives; factor 0 is plain greedy decoding."""
+    s = pie_setup(arch)
+    adapter, tc = s.adapter, s.transcoder
+    features, max_acts, factors, n_new = [(0, 3), (1, 7)], [1.0, 2.0], (0.0, 30.0, 500.0), 6  # > sliding window
+    prompts = s.batch.clean_ids[:2, :5]
+    out = steered_continuations(adapter, tc, features, max_acts, prompts, factors=factors, n_new=n_new, max_rows=5)
+    assert out.shape == (2, 3, 2, n_new)
+    for j, (layer, index) in enumerate(features):
+        rows = tc.decoder_rows(layer, torch.tensor([index]))[0]                           # [L - layer, d]
+        for i, factor in enumerate(factors):
+            seq = prompts.clone()
+            for _ in range(n_new):
+                T = seq.shape[1]
+                patch = torch.zeros(adapter.n_layers, seq.shape[0], T, adapter.d_model)
+                patch[layer:, :, 4:] = factor * max_acts[j] * rows[:, None, None, :]         # from the last prompt token
+                seq = torch.cat([seq, adapter.run(seq, patch=patch).logits.argmax(-1, keepdim=True)], dim=1)
+            assert torch.equal(out[j, i], seq[:, 5:]), (arch, j, factor)
+    assert torch.equal(out[0, 0], out[1, 0])
     # A factor-500 write into every target layer must move the model somewhere.
-    assert not torch.equal(out[:, 1], out[:, 0])
+    assert not torch.equal(out[:, 2], out[:, 0])

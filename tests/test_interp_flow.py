@@ -9,6 +9,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from backend.api.app import create_app
+from backend.interp.explainers import FeatureInput, OfflineExplainer
+from backend.interp.raters import OfflineRater
 from tests.api_fixtures import TINY_CLT, TINY_MODEL, api_settings, tiny_cache  # noqa: F401
 
 PRUNE = {"model": TINY_MODEL, "transcoder": TINY_CLT, "task": "ioi", "n": 3, "seed": 0, "method": "fap", "k": 4,
@@ -78,12 +80,12 @@ def test_prune_explain_score_through_the_api(client):
         scores = client.get(f"/api/explanations/{expl['id']}/scores").json()
         assert scores == expl["scores"]
         for s in scores:
-            assert s["rater"] == "offline-proxy" and 0.0 <= s["value"] <= 1.0
+            assert s["rater"] == "offline-proxy" and s["proxy"] is True and 0.0 <= s["value"] <= 1.0
             metrics.add(s["metric"])
     assert metrics and metrics <= {"clarity", "responsiveness", "purity", "faithfulness"}
     cost = client.get(f"/api/circuits/{circuit_id}").json()["cost"]
     assert cost["score_calls"] > 0 and cost["score_tokens"] == 0 and cost["explain_calls"] == len(features)
-    assert cost["rater"] == "offline-proxy"
+    assert cost["rater"] == "offline-proxy" and cost["rater_proxy"] is True
 
 
 def test_human_example_ratings_give_human_scores(client):
@@ -96,21 +98,32 @@ def test_human_example_ratings_give_human_scores(client):
     run_job(client, "/api/jobs", {"kind": "explain", "params": {
         "circuit_id": circuit_id, "corpus": "stories", "corpus_tokens": 600}})
     view = client.get(f"/api/circuits/{circuit_id}/interpretation").json()
-    feat = max(view["features"], key=lambda f: len(f["examples"]))
-    assert len(feat["examples"]) >= 2
+    def held_out(f):
+        return [e for e in f["examples"] if e["split"] == "holdout"]
+    feat = max(view["features"], key=lambda f: (len(held_out(f)), len(f["examples"])))
+    held = held_out(feat)
+    assert len(held) >= 2 and any(e["split"] == "explain" for e in feat["examples"])
     expl = feat["explanations"][0]
-    # A person rates the top example 2 and the lowest one 0 in the dashboard.
-    for example, rating in ((feat["examples"][0], 2), (feat["examples"][-1], 0)):
+    # A person rates the top held-out example 2 and the lowest one 0 in the dashboard; a rating of
+    # an example the explainer saw (here: a 0 of the top one) must not count.
+    seen = next(e for e in feat["examples"] if e["split"] == "explain")
+    for example, rating in ((held[0], 2), (held[-1], 0), (seen, 0)):
         r = client.post(f"/api/explanations/{expl['id']}/annotations",
                         json={"rating": rating, "label": f"example:{example['rank']}"})
         assert r.status_code == 201
-    run_job(client, "/api/jobs", {"kind": "score", "params": {
-        "circuit_id": circuit_id, "corpus": "stories", "n_natural": 4, "n_generated": 2, "faithfulness": False}})
+    score = {"circuit_id": circuit_id, "corpus": "stories", "n_natural": 4, "n_generated": 2, "faithfulness": False}
+    run_job(client, "/api/jobs", {"kind": "score", "params": score})
     human = {s["metric"]: s["value"] for s in client.get(f"/api/explanations/{expl['id']}/scores").json()
              if s["rater"] == "human"}
-    top, low = feat["examples"][0]["max_activation"], feat["examples"][-1]["max_activation"]
+    top, low = held[0]["max_activation"], held[-1]["max_activation"]
     expected = 1.0 if top > low else 0.0
     assert human == {"responsiveness": pytest.approx(expected), "purity": pytest.approx(1.0 if top > low else 0.5)}
+    # The same request again is served from the store, until a new rating makes it stale.
+    again = client.post("/api/jobs", json={"kind": "score", "params": score}).json()
+    assert again["reused"] and again["status"] == "done"
+    client.post(f"/api/explanations/{expl['id']}/annotations",
+                json={"rating": 1, "label": f"example:{held[0]['rank']}"})
+    assert not client.post("/api/jobs", json={"kind": "score", "params": score}).json()["reused"]
 
 
 def test_cli_explains_and_scores_a_circuit_file(api_settings, tmp_path, capsys):
@@ -156,7 +169,105 @@ def test_examples_keep_their_quantile_through_the_api(client):
                                                                  "corpus": "stories", "corpus_tokens": 600}})
     data = client.get(f"/api/circuits/{circuit_id}/interpretation").json()
     feature = next(f for f in data["features"] if f["examples"])
-    quantiles = [e["quantile"] for e in feature["examples"]]
-    assert quantiles[0] == 0 and quantiles == sorted(quantiles)
+    quantiles = [(e["split"], e["quantile"]) for e in feature["examples"]]
+    assert quantiles[0] == ("explain", 0) and quantiles == sorted(quantiles)   # per split, top examples first
     via_features = client.get(f"/api/features/{feature['id']}/examples").json()
-    assert [e["quantile"] for e in via_features] == quantiles
+    assert [(e["split"], e["quantile"]) for e in via_features] == quantiles
+    detail = client.get(f"/api/features/{feature['id']}").json()
+    assert [e["split"] for e in detail["examples"]] == [s for s, _ in quantiles]
+
+
+# ------------------------------------------------------------------------------ no leakage
+
+class SeeingExplainer(OfflineExplainer):
+    """The offline explainer, keeping what it was shown."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[FeatureInput] = []
+
+    def explain_all(self, inputs):
+        self.seen += list(inputs)
+        return super().explain_all(inputs)
+
+
+class SeeingRater(OfflineRater):
+    """The offline rater, keeping every text it rated."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rated: list[str] = []
+
+    def rate(self, explanation, texts):
+        self.rated += list(texts)
+        return super().rate(explanation, texts)
+
+
+def _doc(example: dict) -> int:
+    return int(dict(part.split("=") for part in example["source"].split(";"))["doc"])
+
+
+def test_the_explainer_and_the_raters_never_see_the_same_texts(client, api_settings):
+    from backend import jobs as job_functions
+    from backend.interp.harvest import HarvestConfig, split_of
+    from backend.interp.pipeline import ScoreConfig, explain_circuit, score_circuit, tokens_to_text
+    from backend.store.db import open_store
+    from backend.store.interp import InterpStore
+
+    circuit_id = run_job(client, "/api/jobs", {"kind": "prune", "params": PRUNE})["circuit_id"]
+    engine, sessions = open_store(api_settings)
+    try:
+        store = InterpStore(sessions)
+        info = store.circuit(circuit_id)
+        context = job_functions.JobContext(api_settings)
+        adapter, transcoder = context.adapter(info.model), context.transcoder(info.transcoder)
+        docs = job_functions.corpus_documents("stories")
+        explainer, rater = SeeingExplainer(), SeeingRater()
+        explain_circuit(adapter, transcoder, store, info.transcoder, info.features, docs, explainer, "stories",
+                        HarvestConfig(n_tokens=800))
+        report = score_circuit(adapter, transcoder, store, info.transcoder, info.features, docs, rater,
+                               config=ScoreConfig(n_natural=6, n_generated=3, n_steer_prompts=2, n_new_tokens=3,
+                                                  factors=(-10.0, 0.0, 10.0)), corpus="stories")
+        states = store.features(info.transcoder, info.features)
+    finally:
+        engine.dispose()
+    assert report.scored and not report.errors
+    shown = [e for i in explainer.seen for e in i.examples]
+    assert shown and all(e["split"] == "explain" and split_of(_doc(e)) == "explain" for e in shown)
+    assert all(set(i.statistics) == {"logit_lens", "max_activation"} for i in explainer.seen)
+    seen_docs = {_doc(e) for e in shown}
+    held = [e for st in states.values() for e in st.examples if e["split"] == "holdout"]
+    rated_docs = {_doc(e) for e in held} | set(report.texts["natural_docs"]) | set(report.texts["steer_docs"])
+    assert held and rated_docs and not rated_docs & seen_docs           # disjoint documents
+    shown_texts = {tokens_to_text(e["tokens"]) for e in shown}
+    assert rater.rated and not shown_texts & set(rater.rated)            # and no shown text was rated
+    assert {tokens_to_text(e["tokens"]) for e in held} <= set(rater.rated)
+
+
+def test_one_feature_and_one_prompt_jobs(client):
+    circuit_id = run_job(client, "/api/jobs", {"kind": "prune", "params": PRUNE})["circuit_id"]
+    circuit = client.get(f"/api/circuits/{circuit_id}").json()
+    on_prompt = {(o["layer"], o["feature"]) for o in circuit["prompts"][1]["kept"]}
+    run_job(client, "/api/jobs", {"kind": "explain", "params": {"circuit_id": circuit_id, "prompt": 1,
+                                                                 "corpus": "stories", "corpus_tokens": 600}})
+    view = client.get(f"/api/circuits/{circuit_id}/interpretation").json()
+    explained = {(f["layer"], f["feature"]) for f in view["features"] if f["explanations"]}
+    assert explained == on_prompt
+    other = next(f for f in view["features"] if (f["layer"], f["feature"]) not in on_prompt)
+    job = run_job(client, "/api/jobs", {"kind": "explain", "params": {"feature_id": other["id"],
+                                                                       "corpus": "stories", "corpus_tokens": 600}})
+    assert job["circuit_id"] is None
+    feature = client.get(f"/api/features/{other['id']}").json()
+    assert feature["examples"] and [e["source"] for e in feature["explanations"]] == ["offline"]
+    run_job(client, "/api/jobs", {"kind": "score", "params": {"feature_id": other["id"], "corpus": "stories",
+                                                               "n_natural": 4, "n_generated": 2,
+                                                               "faithfulness": False}})
+    scores = client.get(f"/api/explanations/{feature['explanations'][0]['id']}/scores").json()
+    assert scores and all(s["proxy"] for s in scores)
+    for bad in ({"circuit_id": circuit_id, "feature_id": other["id"]}, {}, {"feature_id": other["id"], "prompt": 0}):
+        assert client.post("/api/jobs", json={"kind": "explain", "params": bad}).status_code == 422
+    far = client.post("/api/jobs", json={"kind": "score", "params": {"circuit_id": circuit_id, "prompt": 50}})
+    assert far.status_code in (400, 422) and "out of range" in far.text
+    listing = client.get("/api/interpreters").json()
+    assert [e["name"] for e in listing["explainers"]] == ["offline"]     # no PIESCOPE_LLM_* in the tests
+    assert [(r["name"], r["proxy"]) for r in listing["raters"]] == [("offline", True)]

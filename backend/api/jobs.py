@@ -130,10 +130,16 @@ def _store_graph(settings, session, params: job_functions.GraphParams, output) -
 
 
 def _check_interp(settings: Settings, session: Session, params: Any) -> None:
-    """The circuit exists and kept features; an LLM explainer/rater needs a configured endpoint."""
-    row = queries.get_circuit(session, params.circuit_id)
-    if not row.features:
-        raise UserError(f"circuit {row.id} kept no features to interpret")
+    """The circuit (kept features, the prompt in range) or the feature exists; an LLM
+    explainer/rater needs a configured endpoint."""
+    if params.feature_id is not None:
+        queries.get_feature(session, params.feature_id)
+    else:
+        row = queries.get_circuit(session, params.circuit_id)
+        if not row.features:
+            raise UserError(f"circuit {row.id} kept no features to interpret")
+        if params.prompt is not None and params.prompt >= row.n_prompts:
+            raise UserError(f"prompt {params.prompt} out of range: circuit {row.id} has {row.n_prompts} prompts")
     uses_llm = (params.explainer == "llm" if isinstance(params, job_functions.ExplainParams)
                 else params.rater == "llm")  # a ScoreParams' `explainer` only picks which explanations
     if uses_llm:
@@ -152,8 +158,11 @@ def _run_score(context, sessions, params: job_functions.ScoreParams, progress):
 
 
 def _store_interp(settings, session, params, output) -> dict[str, int]:
-    """Statistics, examples, explanations and scores were stored as they came; the cost goes on the circuit."""
+    """Statistics, examples, explanations and scores were stored as they came; the cost goes on the
+    circuit (a one-feature job has no circuit to charge)."""
     from backend.store.interp import add_circuit_cost
+    if params.circuit_id is None:
+        return {}
     add_circuit_cost(session, params.circuit_id, output.result["cost"])
     return {"circuit_id": params.circuit_id}
 

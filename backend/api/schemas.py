@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, computed_field
 
 from backend.jobs import ExplainParams, GraphParams, PruneParams, ScoreParams, SweepParams
 
@@ -152,6 +152,7 @@ class ExampleOut(BaseModel):
     activations: list[float]
     max_activation: float
     quantile: int | None = None
+    split: str | None = Field(None, description="explain: shown to the explainer; holdout: only raters see it")
     source: str
 
 
@@ -163,6 +164,13 @@ class ScoreOut(BaseModel):
     value: float
     rater: str
     created_at: datetime
+
+    @computed_field(description="true for the offline lexical rater: a proxy, never to be compared "
+                                "with human or LLM ratings")
+    @property
+    def proxy(self) -> bool:
+        from backend.interp.raters import is_proxy
+        return is_proxy(self.rater)
 
 
 class ScoreCreate(BaseModel):

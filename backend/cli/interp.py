@@ -42,8 +42,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n-generated", type=int, default=10, help="texts written to express each concept")
     p.add_argument("--no-faithfulness", action="store_true", help="skip steering")
     p.add_argument("--factors", default="-50,-10,0,10,50", help="steering factors (x max activation)")
-    p.add_argument("--steer-prompts", type=int, default=2)
-    p.add_argument("--new-tokens", type=int, default=8)
+    p.add_argument("--steer-prompts", type=int, default=8, help="held-out prompts steered per factor")
+    p.add_argument("--new-tokens", type=int, default=16, help="greedy tokens per steered prompt")
     p.set_defaults(run=cmd_score)
 
 

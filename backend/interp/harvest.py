@@ -13,10 +13,17 @@ Per feature it returns (`FeatureHarvest`):
 - statistics = {"histogram": {"edges": [...], "counts": [...]} of the *nonzero* activations,
   "density": fraction of tokens where the feature is active, "max_activation", "logit_lens":
   {"top": [[token, value], ...], "bottom": [...]}, "n_tokens": tokens seen, "corpus": name};
-- examples = [{"tokens", "activations", "max_activation", "quantile", "source"}]: windows around
-  the maximum of a corpus window. quantile 0 = the top-activating windows; quantile q = 1..Q =
-  windows sampled from the q-th of Q equal-count bins of the remaining active windows, from high
-  to low activation.
+- examples = [{"tokens", "activations", "max_activation", "quantile", "split", "source"}]: windows
+  around the maximum of a corpus window. quantile 0 = the top-activating windows; quantile q =
+  1..Q = windows sampled from the q-th of Q equal-count bins of the remaining active windows,
+  from high to low activation.
+
+The explain / held-out split (FADE without leakage). Every corpus document belongs to one split
+by its index in the corpus (`split_of`: even -> "explain", odd -> "holdout"), so no window, and
+no document, is on both sides. Examples are sampled *within* each split (each split gets its own
+top examples and quantile samples); an explainer is shown only the "explain" examples, and every
+rater scores texts from "holdout" documents only (`backend.interp.pipeline`). The rule and the
+count of windows per split are stored in the statistics ("split"), the split in every example.
 
 Logit lens of a CLT feature: the *sum over its target layers* of its decoder rows (everything
 the feature adds to the residual stream) times the unembedding W_U (no final-norm gain). For a
@@ -42,6 +49,20 @@ from backend.models.transcoder import Transcoder
 Progress = Callable[[float, str], None]
 FeatureKey = tuple[int, int]  # (source layer, feature index)
 
+EXPLAIN, HOLDOUT = "explain", "holdout"
+SPLITS: tuple[str, ...] = (EXPLAIN, HOLDOUT)
+SPLIT_RULE = "corpus document index: even -> explain, odd -> holdout"
+
+
+def split_of(doc: int) -> str:
+    """The split of corpus document `doc` (its index in the corpus): see the module docstring."""
+    return EXPLAIN if doc % 2 == 0 else HOLDOUT
+
+
+def split_documents(docs: Sequence[str], split: str) -> list[tuple[int, str]]:
+    """(corpus index, text) of the documents of one split, in corpus order."""
+    return [(i, d) for i, d in enumerate(docs) if split_of(i) == split]
+
 
 @dataclass(frozen=True)
 class HarvestConfig:
@@ -50,9 +71,9 @@ class HarvestConfig:
     n_tokens: int = 20_000       # corpus tokens budget (BOS excluded)
     seq_len: int = 64            # tokens per corpus window (BOS included)
     batch_size: int = 16         # windows per forward pass
-    n_top: int = 8               # top-activating examples (quantile 0)
+    n_top: int = 8               # top-activating examples (quantile 0), per split
     n_quantiles: int = 4         # quantile bins below the top examples
-    per_quantile: int = 3        # examples sampled per bin
+    per_quantile: int = 3        # examples sampled per bin, per split
     before: int = 16             # example context before the max token
     after: int = 4               # and after it
     n_bins: int = 20             # histogram bins
@@ -326,21 +347,26 @@ def harvest(adapter: ModelAdapter, transcoder: Transcoder, docs: Sequence[str],
     edges, counts, n_active, max_act = histograms(sparse.feature, sparse.value, len(features), config.n_bins)
     lens = logit_lens(adapter, transcoder, features, config.n_logits)
     lengths = windows.mask.sum(1)
+    window_split = [split_of(d) for d in windows.doc]
+    in_split = {name: torch.tensor([w == name for w in window_split]) for name in SPLITS}
+    split_info = {"rule": SPLIT_RULE, **{f"{name}_windows": int(m.sum()) for name, m in in_split.items()}}
     results = []
     for j, (layer, feature) in enumerate(features):
         stats = {"histogram": {"edges": [round(float(e), 6) for e in edges[j]], "counts": counts[j].tolist()},
                  "density": float(n_active[j]) / max(n_tokens, 1), "max_activation": float(max_act[j]),
-                 "logit_lens": lens[j], "n_tokens": n_tokens, "corpus": corpus_name}
+                 "logit_lens": lens[j], "n_tokens": n_tokens, "corpus": corpus_name, "split": split_info}
         examples = []
-        for w, q in sample_examples(sparse.seq_max[:, j], config):
-            p = int(sparse.seq_arg[w, j])
-            lo = max(int(windows.has_bos), p - config.before)
-            hi = min(int(lengths[w]), p + config.after + 1)
-            ids = windows.ids[w, lo:hi].tolist()
-            vals = [round(float(v), 5) for v in sparse.row(j, w, lo, hi)]
-            examples.append({"tokens": token_strings(adapter.tokenizer, ids), "activations": vals,
-                             "max_activation": float(sparse.seq_max[w, j]), "quantile": q,
-                             "source": f"corpus={corpus_name};doc={windows.doc[w]};window={w};pos={p}"})
+        for name in SPLITS:
+            # Windows of the other split count as inactive, so each split is sampled on its own.
+            for w, q in sample_examples(sparse.seq_max[:, j] * in_split[name], config):
+                p = int(sparse.seq_arg[w, j])
+                lo = max(int(windows.has_bos), p - config.before)
+                hi = min(int(lengths[w]), p + config.after + 1)
+                ids = windows.ids[w, lo:hi].tolist()
+                vals = [round(float(v), 5) for v in sparse.row(j, w, lo, hi)]
+                examples.append({"tokens": token_strings(adapter.tokenizer, ids), "activations": vals,
+                                 "max_activation": float(sparse.seq_max[w, j]), "quantile": q, "split": name,
+                                 "source": f"corpus={corpus_name};doc={windows.doc[w]};window={w};pos={p}"})
         results.append(FeatureHarvest(layer, feature, stats, examples))
     say(1.0, f"harvested {len(features)} features over {n_tokens} tokens")
     return results

@@ -4,15 +4,21 @@
 budget (one batched pass), then explain them `chunk` features at a time, storing each chunk as
 it is done. Features that already hold an explanation by the same explainer and model are not
 explained again (features shared by circuits are explained once) unless `force`.
+An explainer sees only the feature's "explain" examples (`explainer_input`), the logit lens and
+the largest activation among those examples: nothing of the held-out split.
 
-`score_circuit`: FADE metrics (`backend.interp.fade`) of each feature's latest explanation:
-- natural texts = the feature's stored examples (sampled across activation quantiles) plus
-  `n_natural` random corpus windows (shared by all features; activations computed in one pass);
+`score_circuit`: FADE metrics (`backend.interp.fade`) of each feature's latest explanation, on
+texts the explainer never saw (`backend.interp.harvest`, the split):
+- natural texts = the feature's "holdout" examples (sampled across activation quantiles) plus
+  `n_natural` random windows of held-out corpus documents (shared by all features; activations
+  computed in one pass);
 - clarity: `n_generated` texts the rater writes to express the concept vs the random windows;
 - responsiveness, purity: the rater's ratings of the natural texts;
-- faithfulness: steered greedy continuations (`backend.interp.steering`), rated;
-- with human example ratings (annotations) present, responsiveness and purity are also
-  computed from them (rater "human").
+- faithfulness: greedy continuations of `n_steer_prompts` held-out windows under steering
+  (`backend.interp.steering`), rated;
+- with human ratings of held-out examples (annotations) present, responsiveness and purity are
+  also computed from them (rater "human"). Ratings of "explain" examples are not used.
+A feature must be scored on the corpus it was harvested on (else the split is unknown).
 
 Both return a report with the calls and tokens spent, which the job stores on the circuit.
 """
@@ -30,8 +36,8 @@ import torch
 
 from backend.interp import fade
 from backend.interp.explainers import ExplainResult, FeatureInput
-from backend.interp.harvest import (FeatureKey, HarvestConfig, TokenWindows, corpus_windows, harvest,
-                                    pad_windows, window_activations)
+from backend.interp.harvest import (EXPLAIN, HOLDOUT, FeatureKey, HarvestConfig, TokenWindows, corpus_windows,
+                                    harvest, pad_windows, split_documents, window_activations)
 from backend.interp.raters import Rater
 from backend.interp.steering import FACTORS, steered_continuations
 from backend.interp.records import FeatureState, FeatureStore
@@ -40,6 +46,11 @@ from backend.models.transcoder import Transcoder
 
 log = logging.getLogger(__name__)
 Progress = Callable[[float, str], None]
+
+# Faithfulness defaults: each factor's mean rating rests on N_STEER_PROMPTS x N_NEW_TOKENS tokens
+# of continuation (it was 2 x 8, too few for the max over factors to mean much).
+N_STEER_PROMPTS = 8
+N_NEW_TOKENS = 16
 
 
 def _quiet(fraction: float, message: str) -> None:
@@ -60,23 +71,28 @@ class ExplainReport:
 
 @dataclass
 class ScoreConfig:
+    """How many texts each FADE metric rests on (the defaults are measured in the README)."""
+
     n_natural: int = 20
     n_generated: int = 10
     faithfulness: bool = True
     factors: tuple[float, ...] = FACTORS
-    n_steer_prompts: int = 2
+    n_steer_prompts: int = N_STEER_PROMPTS
     steer_prompt_len: int = 8
-    n_new_tokens: int = 8
+    n_new_tokens: int = N_NEW_TOKENS
     seed: int = 0
 
 
 @dataclass
 class ScoreReport:
+    """What a score run did; `texts` records where its rated texts came from (corpus documents)."""
+
     scored: int = 0
     scores: dict[str, dict[str, float | None]] = field(default_factory=dict)  # "layer/feature" -> metric -> value
     errors: dict[str, str] = field(default_factory=dict)
     calls: int = 0
     tokens: int = 0
+    texts: dict[str, list[int]] = field(default_factory=dict)   # "natural_docs", "steer_docs"
 
 
 def feature_name(key: FeatureKey) -> str:
@@ -84,9 +100,19 @@ def feature_name(key: FeatureKey) -> str:
 
 
 def needs_harvest(state: FeatureState, corpus: str, n_tokens_budget: int) -> bool:
+    """No statistics for this corpus and budget, no examples, or examples from before the split."""
     stats = state.statistics or {}
     return not stats or stats.get("corpus") != corpus or stats.get("n_tokens_budget") != n_tokens_budget \
-        or not state.examples
+        or not state.examples or "split" not in stats or any(e.get("split") is None for e in state.examples)
+
+
+def explainer_input(key: FeatureKey, state: FeatureState) -> FeatureInput:
+    """What an explainer may see of a feature: its "explain" examples, the logit lens, and the
+    largest activation among those examples (so no held-out text or number reaches it)."""
+    examples = [e for e in state.examples if e.get("split") == EXPLAIN]
+    stats = {"logit_lens": (state.statistics or {}).get("logit_lens", {}),
+             "max_activation": max((float(e["max_activation"]) for e in examples), default=0.0)}
+    return FeatureInput(key[0], key[1], stats, examples)
 
 
 def explain_circuit(adapter: ModelAdapter, transcoder: Transcoder, store: FeatureStore, transcoder_name: str,
@@ -98,6 +124,8 @@ def explain_circuit(adapter: ModelAdapter, transcoder: Transcoder, store: Featur
     report = ExplainReport()
     states = store.features(transcoder_name, features)
     todo = [k for k in features if reharvest or needs_harvest(states[k], corpus, harvest_config.n_tokens)]
+    # An explanation made from an earlier harvest may have seen what is now held out: redo it.
+    fresh = set(todo)
     if todo:
         results = harvest(adapter, transcoder, docs, todo, harvest_config, corpus_name=corpus,
                           progress=lambda f, m: say(0.6 * f, m))
@@ -110,10 +138,10 @@ def explain_circuit(adapter: ModelAdapter, transcoder: Transcoder, store: Featur
     for key in features:
         st = states[key]
         done = any(e["source"] == explainer.source and e["model"] == explainer.model for e in st.explanations)
-        if done and not force:
+        if done and not force and key not in fresh:
             report.reused += 1
         else:
-            pending.append(FeatureInput(key[0], key[1], st.statistics, st.examples))
+            pending.append(explainer_input(key, st))
     ids = {k: states[k].id for k in features}
     calls0, tokens0 = _spent(explainer)
     for start in range(0, len(pending), chunk):
@@ -178,7 +206,8 @@ def text_windows(tokenizer, texts: Sequence[str]) -> TokenWindows:
 
 def score_circuit(adapter: ModelAdapter, transcoder: Transcoder, store: FeatureStore, transcoder_name: str,
                   features: Sequence[FeatureKey], docs: Sequence[str], rater: Rater, source: str = "any",
-                  config: ScoreConfig = ScoreConfig(), progress: Progress | None = None) -> ScoreReport:
+                  config: ScoreConfig = ScoreConfig(), progress: Progress | None = None,
+                  corpus: str | None = None) -> ScoreReport:
     """FADE scores of the latest explanation (of `source`, or any) of each feature; stored as they come."""
     say = progress or _quiet
     report = ScoreReport()
@@ -187,10 +216,14 @@ def score_circuit(adapter: ModelAdapter, transcoder: Transcoder, store: FeatureS
     for key in features:
         st = states[key]
         cands = [e for e in st.explanations if source == "any" or e["source"] == source]
+        stats = st.statistics or {}
         if not cands:
             report.errors[feature_name(key)] = f"no explanation (source {source}) to score"
-        elif not st.statistics:
-            report.errors[feature_name(key)] = "not harvested: run the explain job first"
+        elif not stats or "split" not in stats:
+            report.errors[feature_name(key)] = "not harvested (with the explain/held-out split): run the explain job"
+        elif corpus is not None and stats.get("corpus") != corpus:
+            report.errors[feature_name(key)] = (f"harvested on corpus '{stats.get('corpus')}', not '{corpus}': "
+                                                "score it on its own corpus, where its split is known")
         else:
             jobs.append((key, st, cands[-1]))
     if not jobs:
@@ -198,10 +231,12 @@ def score_circuit(adapter: ModelAdapter, transcoder: Transcoder, store: FeatureS
     keys = [k for k, _, _ in jobs]
     tok = adapter.tokenizer
     rng = random.Random(config.seed)
-    # Random natural windows, shared by all features: [N, T, n].
-    say(0.02, "activations of random corpus windows")
-    # From the end of the corpus: the harvest reads from its start, so these are other texts.
-    pool = corpus_windows(tok, list(docs)[::-1], max(config.n_natural * 64, 2000), 32)
+    # Random natural windows of held-out documents, shared by all features: [N, T, n]. From the
+    # end of the held-out documents (the harvest reads from the start of the corpus).
+    say(0.02, "activations of random held-out corpus windows")
+    held = split_documents(docs, HOLDOUT)[::-1]
+    pool = corpus_windows(tok, [d for _, d in held], max(config.n_natural * 64, 2000), 32)
+    pool.doc = [held[i][0] for i in pool.doc]                      # corpus indices, for the record
     pick = sorted(rng.sample(range(pool.ids.shape[0]), min(config.n_natural, pool.ids.shape[0])))
     natural = pad_windows([pool.ids[i][pool.mask[i].bool()].tolist() for i in pick], pool.has_bos,
                           pad_id=tok.pad_token_id or 0)
@@ -209,6 +244,7 @@ def score_circuit(adapter: ModelAdapter, transcoder: Transcoder, store: FeatureS
     nat_texts = [tok.decode(natural.ids[i][natural.valid[i]].tolist()) for i in range(len(pick))]
     nat_act = fade.text_activation(nat_acts.permute(2, 0, 1).reshape(len(keys) * len(pick), -1).numpy()) \
         .reshape(len(keys), len(pick))                                                            # [n, N]
+    report.texts["natural_docs"] = sorted({pool.doc[i] for i in pick})
     calls0, tokens0 = _spent(rater)
 
     # Clarity: texts generated to express each explanation, all run through the model at once.
@@ -236,6 +272,7 @@ def score_circuit(adapter: ModelAdapter, transcoder: Transcoder, store: FeatureS
         long = [i for i in range(pool.ids.shape[0]) if int(pool.mask[i].sum()) >= config.steer_prompt_len]
         chosen = sorted(rng.sample(long, min(config.n_steer_prompts, len(long)))) if long else []
         if chosen:
+            report.texts["steer_docs"] = sorted({pool.doc[i] for i in chosen})
             prompts = pool.ids[chosen, :config.steer_prompt_len]
             max_acts = [float(st.statistics.get("max_activation") or 0.0) or 1.0 for _, st, _ in jobs]
             continuations = steered_continuations(adapter, transcoder, keys, max_acts, prompts,
@@ -246,8 +283,9 @@ def score_circuit(adapter: ModelAdapter, transcoder: Transcoder, store: FeatureS
         say(0.4 + 0.6 * j / len(jobs), f"rating feature {name}")
         scores: dict[str, float | None] = {}
         try:
-            ex_texts = [tokens_to_text(e["tokens"]) for e in st.examples]
-            ex_act = [float(fade.text_activation(np.asarray([e["activations"]], dtype=float))[0]) for e in st.examples]
+            held_out = [e for e in st.examples if e.get("split") == HOLDOUT]
+            ex_texts = [tokens_to_text(e["tokens"]) for e in held_out]
+            ex_act = [float(fade.text_activation(np.asarray([e["activations"]], dtype=float))[0]) for e in held_out]
             texts = ex_texts + nat_texts
             acts = np.r_[np.asarray(ex_act, dtype=float), nat_act[j]]
             ratings = np.asarray(rater.rate(expl["text"], texts))
@@ -269,8 +307,9 @@ def score_circuit(adapter: ModelAdapter, transcoder: Transcoder, store: FeatureS
             report.scored += 1
         report.scores[name] = scores
         human = store.human_ratings(expl["id"])
-        if human:
-            ranked = [(r, e) for r, e in ((e["rank"], e) for e in st.examples) if r in human]
+        if human:  # held-out examples only: the explainer saw the others
+            ranked = [(r, e) for r, e in ((e["rank"], e) for e in st.examples if e.get("split") == HOLDOUT)
+                      if r in human]
             h_act = [float(fade.text_activation(np.asarray([e["activations"]], dtype=float))[0]) for _, e in ranked]
             h_rat = [human[r] for r, _ in ranked]
             hs = {"responsiveness": fade.responsiveness(h_act, h_rat), "purity": fade.purity(h_act, h_rat)}

@@ -8,6 +8,13 @@ explanation, and write texts that express a concept (for clarity).
   feature fires on) or, without quotes, its content words. A text is rated 2 when it contains
   a key token as a whole word, 1 when a key token (3+ characters) only appears inside a word,
   else 0. Its "texts that express the concept" are templates filled with the key tokens.
+
+  Why a proxy and not a replacement: judging whether a text expresses a concept described in
+  words needs a language model. Every network-free rule is lexical, and so shares the offline
+  explainer's mechanism (surface tokens): with it, FADE measures whether the quoted tokens
+  predict the feature's activation on held-out text, which is worth knowing but is not what a
+  human or LLM rating measures. So its scores carry `is_proxy(rater)`, every page and export
+  labels them "proxy", and they are never put side by side with human or LLM scores.
 - Human ratings come from the dashboard as annotations (see `backend.store.interp`).
 
 Both raters count their calls (a call = one batch of texts to rate, or one generation request)
@@ -23,6 +30,7 @@ from typing import Protocol
 from backend.interp.llm import LLMClient, MalformedReply
 
 OFFLINE_RATER = "offline-proxy"
+PROXY_NOTE = "proxy: an offline lexical rater, not a judgement of meaning; not comparable with human or LLM ratings"
 WORD = re.compile(r"\w+|[^\w\s]", re.UNICODE)
 QUOTED = re.compile(r'"([^"]+)"|“([^”]+)”')
 STOPWORDS = frozenset("""a an and are as at be by fires for from in is it its of on or that the this to
@@ -42,6 +50,11 @@ GENERATE_SYSTEM = (
     "You write short, varied English texts (one or two sentences each) that clearly express a "
     "given concept. Answer with one text per line, each line starting with '- '."
 )
+
+
+def is_proxy(rater: str) -> bool:
+    """Whether scores by `rater` are proxies (the offline rater, under any version of its name)."""
+    return rater == OFFLINE_RATER or rater.startswith("offline")
 
 
 class Rater(Protocol):

@@ -25,6 +25,17 @@ class CircuitInfo:
     dataset: dict[str, Any] | None         # DatasetParams fields, None without a stored dataset
     cost: dict[str, Any]
     prompts: list[str] = field(default_factory=list)   # the clean prompt texts
+    prompt_features: list[list[FeatureKey]] = field(default_factory=list)  # per prompt, the features it kept
+
+    def features_of(self, prompt: int | None = None, top_n: int | None = None) -> list[FeatureKey]:
+        """The features to interpret: those kept on `prompt` (what its graph shows) or all of
+        them, most prompts first; the first `top_n` when given."""
+        if prompt is None:
+            keys = self.features
+        else:
+            on_prompt = set(self.prompt_features[prompt])
+            keys = [k for k in self.features if k in on_prompt]
+        return keys if top_n is None else keys[:top_n]
 
 
 @dataclass

@@ -3,8 +3,9 @@
 Steering feature f (source layer l) with factor c adds c * max_act(f) * W_dec[l][f, t-l] to
 `mlp_out` of every target layer t (a CLT feature writes into all of them) at every position
 from the prompt's last token on, so every generated token is produced under the steer.
-All (feature, factor, prompt) rows of a call run together, `max_rows` rows per forward; the
-model is rerun on the whole sequence at each step (the adapter does not cache keys/values).
+All (feature, factor, prompt) rows of a call run together, `max_rows` rows per forward, with a
+key/value cache: the prompt runs once, then each step runs only the new token (the same tokens
+as rerunning the whole sequence at every step, which the tests check).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+from transformers import DynamicCache
 
 from backend.models.adapters import ModelAdapter
 from backend.models.transcoder import Transcoder
@@ -45,11 +47,14 @@ def steered_continuations(adapter: ModelAdapter, transcoder: Transcoder, feature
     for start in range(0, ids.shape[0], max_rows):
         seq = ids[start:start + max_rows]
         w = row_writes[start:start + max_rows].to(adapter.device, adapter.dtype)        # [r, L, d]
+        cache = DynamicCache(config=adapter.model.config)
+        step_ids = seq
         for step in range(n_new):
-            T = seq.shape[1]
-            on = (torch.arange(T, device=seq.device) >= T0 - 1).to(w.dtype)             # [T]
-            patch = w.permute(1, 0, 2)[:, :, None, :] * on[None, None, :, None]       # [L, r, T, d]
-            logits = adapter.run(seq, patch=patch).logits                               # [r, V]
-            seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], dim=1)
+            T, done = seq.shape[1], seq.shape[1] - step_ids.shape[1]
+            on = (torch.arange(done, T, device=seq.device) >= T0 - 1).to(w.dtype)      # [T - done]
+            patch = w.permute(1, 0, 2)[:, :, None, :] * on[None, None, :, None]       # [L, r, T - done, d]
+            logits = adapter.run(step_ids, patch=patch, cache=cache).logits             # [r, V]
+            step_ids = logits.argmax(-1, keepdim=True)
+            seq = torch.cat([seq, step_ids], dim=1)
         out[start:start + max_rows] = seq[:, T0:].cpu()
     return out.view(n, F, P, n_new)

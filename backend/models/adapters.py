@@ -273,7 +273,7 @@ class ModelAdapter:
             last_pos: Tensor | None = None, patch: Patch | None = None,
             capture: bool = False, linearise: bool = False, grad: GradMode | None = None,
             logits_at: Literal["last", "all", "none"] = "last",
-            attention: AttentionControl | None = None) -> RunOutput:
+            attention: AttentionControl | None = None, cache: object | None = None) -> RunOutput:
         """One forward pass.
 
         input_ids, attention_mask: [B, T], right-padded. last_pos: [B] index of each row's last
@@ -284,6 +284,9 @@ class ModelAdapter:
         it not at all); ``"full"`` adds a zero leaf so gradients also flow through later MLPs.
         Either way ``RunOutput.mlp_out_leaves[l].grad`` is dM/d mlp_out_l after backward.
         Gradient runs need ``torch.enable_grad()``; other runs are fine under no_grad.
+        cache: a transformers ``DynamicCache`` for greedy generation: the keys and values of this
+        pass are appended to it, and input_ids are the tokens that follow those it already holds
+        (patches then cover only these new positions). Unpadded inputs only.
         """
         if last_pos is None:
             last_pos = (attention_mask.sum(-1) - 1 if attention_mask is not None
@@ -331,8 +334,9 @@ class ModelAdapter:
                 control = AttentionControl(True, control.record, control.override)
             token = _ATTENTION.set(control)
             try:
+                extra = {} if cache is None else {"cache": cache}
                 hidden = self.body(input_ids=input_ids, attention_mask=attention_mask,
-                                   use_cache=False).last_hidden_state
+                                   use_cache=cache is not None, **extra).last_hidden_state
             finally:
                 _ATTENTION.reset(token)
         finally:

@@ -29,9 +29,10 @@ EXAMPLE_LABEL = "example:"
 
 
 def example_json(row: Example) -> dict[str, Any]:
-    """An example row as the dashboard reads it: tokens, activations, max_activation, quantile."""
+    """An example row as the dashboard reads it: tokens, activations, max_activation, quantile, split."""
     return {"rank": row.rank, "tokens": list(row.tokens), "activations": list(row.activations),
-            "max_activation": row.max_activation, "quantile": row.quantile, "source": row.source}
+            "max_activation": row.max_activation, "quantile": row.quantile, "split": row.split,
+            "source": row.source}
 
 
 def example_rating_label(rank: int) -> str:
@@ -54,8 +55,16 @@ class InterpStore:
                 dataset = {"model": row.model.name, "transcoder": row.transcoder.name, "task": ds.task,
                            "task_options": dict(ds.task_options), "n": ds.n, "seed": ds.seed}
             feats = [(int(f["layer"]), int(f["feature"])) for f in row.features]
+            kept = [list(dict.fromkeys((int(o["layer"]), int(o["feature"])) for o in p.get("kept", [])))
+                    for p in row.prompts]
             return CircuitInfo(row.id, row.model.name, row.transcoder.name, feats, dataset, dict(row.cost or {}),
-                               [p["clean"] for p in row.prompts])
+                               [p["clean"] for p in row.prompts], kept)
+
+    def feature(self, feature_id: int) -> tuple[str, str, FeatureKey]:
+        """(model, transcoder, (layer, index)) of a stored feature; NotFoundError when there is none."""
+        with self.sessions() as session:
+            row = queries.get_feature(session, feature_id)
+            return row.transcoder.model.name, row.transcoder.name, (row.layer, row.index)
 
     def _feature_rows(self, session: Session, transcoder: str, keys: Iterable[FeatureKey]) -> dict[FeatureKey, Feature]:
         tc = queries.find_transcoder(session, transcoder)

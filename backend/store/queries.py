@@ -169,7 +169,31 @@ def job_result_exists(session: Session, job: Job) -> bool:
         return circuit is not None and bool(circuit.graphs) and key in circuit.graphs
     if job.kind == "prune":
         return job.circuit_id is not None and session.get(Circuit, job.circuit_id) is not None
+    if job.kind == "score":  # scores are of the explanations (and human ratings) as they were then
+        return job.finished_at is not None and not _interpretation_changed_since(session, job)
     return True  # other kinds keep no result row that could have been deleted
+
+
+def _interpretation_changed_since(session: Session, job: Job) -> bool:
+    """Whether an explanation or a rating of the features a score job targets is newer than it."""
+    params = job.params
+    if params.get("feature_id") is not None:
+        feature_ids = [int(params["feature_id"])]
+    else:
+        circuit = session.get(Circuit, params.get("circuit_id"))
+        if circuit is None:
+            return True
+        keys = {(int(f["layer"]), int(f["feature"])) for f in circuit.features}
+        feature_ids = [f.id for f in session.scalars(select(Feature).where(Feature.transcoder_id ==
+                                                                          circuit.transcoder_id))
+                       if (f.layer, f.index) in keys]
+    explanations = select(Explanation.id).where(Explanation.feature_id.in_(feature_ids))
+    newer = session.scalar(select(func.count()).select_from(Explanation).where(
+        Explanation.feature_id.in_(feature_ids), Explanation.updated_at > job.finished_at))
+    rated = session.scalar(select(func.count()).select_from(Annotation).where(
+        Annotation.explanation_id.in_(explanations), Annotation.rating.is_not(None),
+        Annotation.created_at > job.finished_at))
+    return bool(newer or rated)
 
 
 # ------------------------------------------------------------------------------ circuits
@@ -342,12 +366,12 @@ def list_features(session: Session, *, transcoder: str | None = None, layer: int
 
 
 def replace_examples(session: Session, feature: Feature, examples: Sequence[dict[str, Any]]) -> list[Example]:
-    """Replace a feature's top-activation examples (dicts: tokens, activations, quantile, source)."""
+    """Replace a feature's top-activation examples (dicts: tokens, activations, quantile, split, source)."""
     for old in session.scalars(select(Example).where(Example.feature_id == feature.id)):
         session.delete(old)
     rows = [Example(feature_id=feature.id, rank=rank, tokens=list(e["tokens"]), activations=list(e["activations"]),
                     max_activation=float(max(e["activations"], default=0.0)), quantile=e.get("quantile"),
-                    source=e.get("source", ""))
+                    split=e.get("split"), source=e.get("source", ""))
             for rank, e in enumerate(examples)]
     session.add_all(rows)
     session.flush()

@@ -243,6 +243,7 @@ class Example(Base):
     activations: Mapped[list[Any]]
     max_activation: Mapped[float]
     quantile: Mapped[int | None]  # 0 = top-activating; 1..Q = activation-quantile bins, high to low
+    split: Mapped[str | None] = mapped_column(String(20))  # "explain" (shown to explainers) | "holdout" (raters)
     source: Mapped[str] = mapped_column(String(200), default="")
 
 

@@ -20,11 +20,16 @@ from dash import dcc, html
 
 from frontend_dash.components.views import fmt, note, table
 
-NOT_HARVESTED = "not harvested yet: run the harvest job for this feature to see examples and statistics"
+NOT_HARVESTED = ("not harvested yet: use \"Harvest, explain and score this feature\" to see examples, "
+                 "statistics, explanations and FADE scores")
+PROXY_LABEL = ("proxy (offline lexical rater: not a judgement of meaning, not comparable with human or LLM "
+               "ratings)")
+SPLIT_LABELS = {"explain": "seen by the explainer", "holdout": "held out: only raters see it"}
 EXAMPLE_LABEL = "example:"
 EXAMPLE_RATING = "example-rating"
-RATING_SCALE = ("Rate each example against the chosen explanation: 0 = concept absent, 1 = vague, "
-                "2 = clearly present. These ratings are the FADE \"human\" rater.")
+RATING_SCALE = ("Rate each held-out example against the chosen explanation: 0 = concept absent, 1 = vague, "
+                "2 = clearly present. These ratings are the FADE \"human\" rater (examples the explainer saw "
+                "are not rated: scores use held-out texts only).")
 
 
 def has_statistics(statistics: dict[str, Any] | None) -> bool:
@@ -103,12 +108,15 @@ def examples_view(examples: list[dict[str, Any]], rateable: bool = False) -> htm
         meta = f"max {fmt(e.get('max_activation'))}"
         if e.get("quantile") is not None:
             meta += f" · quantile {fmt(e['quantile'])}"
+        if e.get("split") in SPLIT_LABELS:
+            meta += f" · {SPLIT_LABELS[e['split']]}"
         parts = [html.Span(meta, className="pie-example-meta"),
                  html.Span(shaded_tokens(e["tokens"], e["activations"], top))]
         rank = int(e.get("rank", i))
-        if rateable:
+        if rateable and e.get("split") != "explain":
             parts.insert(0, example_rating_control(rank))
-        lines.append(html.Div(parts, className="pie-example", **{"data-rank": str(rank)}))
+        lines.append(html.Div(parts, className="pie-example", **{"data-rank": str(rank),
+                                                                 "data-split": str(e.get("split") or "")}))
     return html.Div(lines, id="feature-examples")
 
 
@@ -129,9 +137,41 @@ def logit_lens_view(statistics: dict[str, Any]) -> html.Div:
 
 def score_summary(scores: list[dict[str, Any]]) -> str:
     """"clarity 0.81 (offline) · purity 0.4 (human)" — the newest score per (metric, rater)."""
-    newest: dict[tuple[str, str], dict[str, Any]] = {}
-    for s in sorted(scores, key=lambda s: (s["created_at"], s["id"])):
-        newest[(s["metric"], s["rater"])] = s
+    newest = _newest(scores)
     if not newest:
         return "no FADE scores yet"
     return " · ".join(f"{m} {s['value']:.3g}" + (f" ({r})" if r else "") for (m, r), s in sorted(newest.items()))
+
+
+def _newest(scores: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+    newest: dict[tuple[str, str], dict[str, Any]] = {}
+    for s in sorted(scores, key=lambda s: (s["created_at"], s["id"])):
+        newest[(s["metric"], s["rater"])] = s
+    return newest
+
+
+def _is_proxy(score: dict[str, Any]) -> bool:
+    return bool(score.get("proxy", str(score.get("rater", "")).startswith("offline")))
+
+
+def score_groups(scores: list[dict[str, Any]]) -> list[tuple[str, bool, str]]:
+    """(rater, proxy, "clarity 0.81 · purity 0.4") per rater: human and LLM raters first, proxy
+    raters last, so that proxies are never read as one comparison with the others."""
+    by_rater: dict[str, list[tuple[str, float]]] = {}
+    proxy: dict[str, bool] = {}
+    for (metric, rater), s in sorted(_newest(scores).items()):
+        by_rater.setdefault(rater, []).append((metric, s["value"]))
+        proxy[rater] = _is_proxy(s)
+    order = sorted(by_rater, key=lambda r: (proxy[r], r))
+    return [(r or "unnamed rater", proxy[r], " · ".join(f"{m} {v:.3g}" for m, v in by_rater[r])) for r in order]
+
+
+def scores_view(scores: list[dict[str, Any]]) -> html.Div:
+    """FADE scores labelled by rater: one line per rater; proxy raters in their own marked block."""
+    groups = score_groups(scores)
+    if not groups:
+        return html.Div("FADE: no scores yet", className="pie-meta pie-scores")
+    real = [html.Div(f"FADE by {r}: {line}", className="pie-meta pie-score-line") for r, p, line in groups if not p]
+    proxies = [html.Div(f"FADE by {r}, {PROXY_LABEL}: {line}", className="pie-meta pie-score-line pie-score-proxy")
+               for r, p, line in groups if p]
+    return html.Div(real + proxies, className="pie-scores")

@@ -4,7 +4,10 @@
 (columns); edges filtered by a relative-weight threshold; hovering shows a feature's current
 explanation; clicking a feature opens its panel. When the selected view has no stored graph, a
 button POSTs a `graph` job and the page polls it until the graph can be drawn. The Neuronpedia
-JSON export is served by the dashboard's /export route.
+JSON export is served by the dashboard's /export route. "Explain and score this circuit" runs an
+explain job and then a score job (explainer and rater from what the worker offers) on the
+features of the prompt in view, or all of the circuit's, with live progress; the graph's hover
+texts and the feature panel (examples, explanation, scores by rater) then fill in.
 """
 
 from __future__ import annotations
@@ -17,6 +20,9 @@ from dash import Input, Output, State, callback, dcc, html, no_update
 from frontend_dash.api_client import ApiError, current_client
 from frontend_dash.components.graph_figure import (aggregate_figure, clicked_feature, feature_key, graph_figure,
                                                    stored_graphs)
+from frontend_dash.components.feature_views import scores_view
+from frontend_dash.components.interp_launch import (advance, chain_view, first_request, interp_controls,
+                                                    requests_for)
 from frontend_dash.components.views import error_note, fmt, link, note, progress_bar
 
 
@@ -61,6 +67,7 @@ def layout(id: str | None = None, prompt: str | None = None, **_query: str) -> h
         return html.Div([html.H2("Circuit"), note("pick a circuit on the Circuits page"), link("Circuits", "/")])
     try:
         circuit = current_client().circuit(int(id), fresh=True)
+        listing = current_client().interpreters()
     except ApiError as err:
         return html.Div([html.H2("Circuit"), error_note(err)])
     view = _default_view(circuit, prompt)
@@ -89,6 +96,11 @@ def layout(id: str | None = None, prompt: str | None = None, **_query: str) -> h
             html.Span(" · "), link("compare with…", f"/compare?a={circuit['id']}"),
         ]),
         html.Div(id="circuit-job-status"),
+        html.Details([html.Summary("Explain and score this circuit"), interp_controls(
+            "circuit-interp", listing, "Explain and score this circuit",
+            extra=[html.Div([html.Label("features"), dcc.RadioItems(id="circuit-interp-scope", value="prompt", options=[
+                {"label": " those of the prompt in view", "value": "prompt"},
+                {"label": " all the circuit's", "value": "all"}])])])], open=True, id="circuit-interp"),
         html.Div(first[2], id="circuit-graph-note"),
         html.Div([
             html.Div(dcc.Graph(id="circuit-graph", config={"displaylogo": False, "scrollZoom": True},
@@ -186,9 +198,48 @@ def poll_graph_job(_n: int, job_id: int | None, circuit_id: int, version: int):
     return _job_line(job), True, (version or 0) + 1, _prompt_options(circuit)
 
 
+@callback(Output("circuit-interp-chain", "data"), Output("circuit-interp-poll", "disabled"),
+          Output("circuit-interp-status", "children"), Input("circuit-interp-launch", "n_clicks"),
+          State("circuit-interp-explainer", "value"), State("circuit-interp-rater", "value"),
+          State("circuit-interp-corpus", "value"), State("circuit-interp-scope", "value"),
+          State("circuit-prompt", "value"), State("circuit-id", "data"), prevent_initial_call=True)
+def launch_interpretation(n_clicks: int, explainer: str, rater: str, corpus: str, scope: str, view: str,
+                          circuit_id: int):
+    if not n_clicks:
+        return no_update, no_update, no_update
+    target: dict[str, Any] = {"circuit_id": circuit_id}
+    if scope == "prompt" and view != AGGREGATE:
+        target["prompt"] = int(view)
+    explain, score = requests_for(target, explainer, rater, corpus)
+    try:
+        state = first_request(current_client(), explain, score)
+    except ApiError as err:
+        return None, True, error_note(err)
+    return state, False, note(f"explain job #{state['job']} submitted")
+
+
+@callback(Output("circuit-interp-chain", "data", allow_duplicate=True),
+          Output("circuit-interp-poll", "disabled", allow_duplicate=True),
+          Output("circuit-interp-status", "children", allow_duplicate=True),
+          Output("circuit-version", "data", allow_duplicate=True),
+          Input("circuit-interp-poll", "n_intervals"), State("circuit-interp-chain", "data"),
+          State("circuit-version", "data"), prevent_initial_call=True)
+def poll_interpretation(_n: int, state: dict[str, Any] | None, version: int):
+    if not state:
+        return no_update, True, no_update, no_update
+    try:
+        state, jobs, finished, failure = advance(current_client(), state)
+    except ApiError as err:
+        return no_update, True, error_note(err), no_update
+    view = chain_view(jobs, "circuit-interp", failure, finished)
+    if not finished:
+        return state, False, view, no_update
+    return state, True, view, (version or 0) + 1
+
+
 @callback(Output("circuit-feature-panel", "children"), Input("circuit-graph", "clickData"),
-          State("circuit-id", "data"), prevent_initial_call=True)
-def show_feature(click_data: dict[str, Any] | None, circuit_id: int):
+          Input("circuit-version", "data"), State("circuit-id", "data"), prevent_initial_call=True)
+def show_feature(click_data: dict[str, Any] | None, _version: int, circuit_id: int):
     picked = clicked_feature(click_data)
     if picked is None:
         return no_update
@@ -197,23 +248,28 @@ def show_feature(click_data: dict[str, Any] | None, circuit_id: int):
     try:
         circuit = client.circuit(circuit_id)
         feature = client.lookup_feature(circuit["transcoder"], layer, index)
+        scores = {e["id"]: client.scores(e["id"]) for e in feature["explanations"]}
     except ApiError as err:
+        if err.status == 404:  # a node of a feature never harvested nor explained has no row yet
+            return note(f"feature L{layer} #{index}: nothing stored yet — explain and score this circuit")
         return error_note(err)
-    return feature_panel(feature)
+    return feature_panel(feature, scores)
 
 
-def feature_panel(feature: dict[str, Any]) -> html.Div:
-    """A feature's explanations (as text) and a link to its page."""
+def feature_panel(feature: dict[str, Any], scores: dict[int, list[dict[str, Any]]] | None = None) -> html.Div:
+    """A feature's explanations (as text) with their FADE scores by rater, and a link to its page."""
     explanations = sorted(feature["explanations"], key=lambda e: e["updated_at"], reverse=True)
     items = [html.Div([html.Div(e["text"], className="pie-explanation-text"),
                        html.Div(f"{e['source']}" + (f" · {e['author']}" if e["author"] else "")
-                                + f" · revision {e['revision']}", className="pie-meta")],
+                                + f" · revision {e['revision']}", className="pie-meta"),
+                       scores_view((scores or {}).get(e["id"], []))],
                       className="pie-explanation") for e in explanations]
     stats = feature.get("statistics") or {}
+    n_examples = len(feature.get("examples") or [])
     return html.Div([
         html.H3(f"Feature L{feature['layer']} #{feature['index']}", id="circuit-feature-title"),
-        html.P(f"{feature['transcoder']}" + (f" · density {fmt(stats['density'])}" if "density" in stats else ""),
-               className="pie-meta"),
+        html.P(f"{feature['transcoder']}" + (f" · density {fmt(stats['density'])}" if "density" in stats else "")
+               + f" · {n_examples} examples", className="pie-meta"),
         html.Div(items or [note("no explanation yet")]),
         link("open feature page (examples, annotate) →", f"/feature?id={feature['id']}", id="circuit-feature-link"),
     ])

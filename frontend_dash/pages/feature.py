@@ -1,7 +1,10 @@
 """Feature: examples, logit lens, histogram, every explanation with its source and FADE scores, and
 annotation (write or edit an explanation; rate one 0/1/2 as FADE raters do; label; comment), and
 human ratings of each top-activating example against one explanation (annotations labelled
-"example:<rank>", the FADE "human" rater; re-rating edits the existing annotation).
+"example:<rank>", the FADE "human" rater; re-rating edits the existing annotation). Examples say
+whether the explainer saw them or they are held out (only held-out ones are rated); scores are
+shown per rater, the offline proxy rater apart. "Harvest, explain and score this feature" runs an
+explain job and then a score job on this one feature, with live progress, and refreshes the page.
 
 /feature?id=<feature id>, or /feature?transcoder=<model/dir>&layer=<l>&index=<i>. Everything is
 saved through the API; user text is always rendered as text.
@@ -17,7 +20,9 @@ from dash import ALL, Input, Output, State, callback, dcc, html, no_update
 from frontend_dash.api_client import ApiError, current_client
 from frontend_dash.components.feature_views import (EXAMPLE_RATING, NOT_HARVESTED, RATING_SCALE, example_label,
                                                     example_rank, example_ratings, examples_view, has_statistics,
-                                                    histogram_figure, logit_lens_view, score_summary)
+                                                    histogram_figure, logit_lens_view, scores_view)
+from frontend_dash.components.interp_launch import (advance, chain_view, first_request, interp_controls,
+                                                    requests_for)
 from frontend_dash.components.views import error_note, note
 
 
@@ -41,9 +46,11 @@ def layout(id: str | None = None, transcoder: str | None = None, layer: str | No
         feature = _load(id, transcoder, layer, index)
     except ApiError as err:
         return html.Div([html.H2("Feature"), error_note(err)])
-    stats = feature.get("statistics") or {}
+    try:
+        listing = current_client().interpreters()
+    except ApiError as err:
+        return html.Div([html.H2("Feature"), error_note(err)])
     examples = feature.get("examples") or []
-    histogram = histogram_figure(stats)
     return html.Div([
         dcc.Store(id="feature-id", data=feature["id"]),
         dcc.Store(id="feature-refresh", data=0),
@@ -53,14 +60,11 @@ def layout(id: str | None = None, transcoder: str | None = None, layer: str | No
             html.Div([
                 html.H3("Top-activating examples"),
                 _rating_block(visible=bool(examples)),
-                examples_view(examples, rateable=True),
-                html.H3("Logit lens"),
-                logit_lens_view(stats),
-                dcc.Graph(id="feature-histogram", figure=histogram, config={"displaylogo": False})
-                if histogram is not None else note("no activation histogram (" + NOT_HARVESTED + ")"),
-            ] if (examples or has_statistics(stats)) else [note(NOT_HARVESTED, "warning"), _rating_block(False)],
-                className="pie-col"),
+                html.Div(_evidence(feature), id="feature-evidence"),
+            ], className="pie-col"),
             html.Div([
+                html.H3("Harvest, explain and score this feature"),
+                interp_controls("feature-interp", listing, "Harvest, explain and score this feature"),
                 html.H3("Explanations"),
                 html.Div(id="feature-explanations"),
                 html.H3("Write or edit an explanation"),
@@ -71,6 +75,18 @@ def layout(id: str | None = None, transcoder: str | None = None, layer: str | No
             ], className="pie-col pie-form"),
         ], className="pie-row"),
     ])
+
+
+def _evidence(feature: dict[str, Any]) -> list[Any]:
+    """Examples, logit lens and histogram of a feature (or the note that it is not harvested)."""
+    stats = feature.get("statistics") or {}
+    examples = feature.get("examples") or []
+    if not (examples or has_statistics(stats)):
+        return [note(NOT_HARVESTED, "warning")]
+    histogram = histogram_figure(stats)
+    return [examples_view(examples, rateable=True), html.H3("Logit lens"), logit_lens_view(stats),
+            dcc.Graph(id="feature-histogram", figure=histogram, config={"displaylogo": False})
+            if histogram is not None else note("no activation histogram (" + NOT_HARVESTED + ")")]
 
 
 def _rating_block(visible: bool) -> html.Div:
@@ -132,7 +148,7 @@ def _explanation_card(client, e: dict[str, Any]) -> html.Div:
         html.Div(f"#{e['id']} · {e['source']}" + (f" ({e['model']})" if e.get("model") else "")
                  + (f" · {e['author']}" if e["author"] else "") + f" · revision {e['revision']}",
                  className="pie-meta"),
-        html.Div(f"FADE: {score_summary(scores)}", className="pie-meta"),
+        scores_view(scores),
         html.Div([_annotation_line(a) for a in annotations]),
     ], className="pie-explanation")
 
@@ -276,6 +292,51 @@ def save_annotation(n_clicks: int, target: Any, rating: int | None, label: str |
     except ApiError as err:
         return no_update, error_note(err), no_update, no_update
     return (refresh or 0) + 1, note(f"saved annotation #{saved['id']}"), "", ""
+
+
+@callback(Output("feature-evidence", "children"), Output("feature-rate", "style"),
+          Input("feature-refresh", "data"), State("feature-id", "data"), prevent_initial_call=True)
+def refresh_evidence(_refresh: int, feature_id: int):
+    """Examples and statistics again (after a harvest)."""
+    try:
+        feature = current_client().feature(feature_id)
+    except ApiError as err:
+        return error_note(err), no_update
+    return _evidence(feature), None if feature.get("examples") else {"display": "none"}
+
+
+@callback(Output("feature-interp-chain", "data"), Output("feature-interp-poll", "disabled"),
+          Output("feature-interp-status", "children"), Input("feature-interp-launch", "n_clicks"),
+          State("feature-interp-explainer", "value"), State("feature-interp-rater", "value"),
+          State("feature-interp-corpus", "value"), State("feature-id", "data"), prevent_initial_call=True)
+def launch_interpretation(n_clicks: int, explainer: str, rater: str, corpus: str, feature_id: int):
+    if not n_clicks:
+        return no_update, no_update, no_update
+    explain, score = requests_for({"feature_id": feature_id}, explainer, rater, corpus)
+    try:
+        state = first_request(current_client(), explain, score)
+    except ApiError as err:
+        return None, True, error_note(err)
+    return state, False, note(f"explain job #{state['job']} submitted")
+
+
+@callback(Output("feature-interp-chain", "data", allow_duplicate=True),
+          Output("feature-interp-poll", "disabled", allow_duplicate=True),
+          Output("feature-interp-status", "children", allow_duplicate=True),
+          Output("feature-refresh", "data", allow_duplicate=True),
+          Input("feature-interp-poll", "n_intervals"), State("feature-interp-chain", "data"),
+          State("feature-refresh", "data"), prevent_initial_call=True)
+def poll_interpretation(_n: int, state: dict[str, Any] | None, refresh: int):
+    if not state:
+        return no_update, True, no_update, no_update
+    try:
+        state, jobs, finished, failure = advance(current_client(), state)
+    except ApiError as err:
+        return no_update, True, error_note(err), no_update
+    view = chain_view(jobs, "feature-interp", failure, finished)
+    if not finished:
+        return state, False, view, no_update
+    return state, True, view, (refresh or 0) + 1
 
 
 dash.register_page(__name__, path="/feature", name="Feature", title="PIEscope — feature", layout=layout)

@@ -1,8 +1,10 @@
-"""Jobs: launch a prune or a sweep from a form whose choices come from the API's listings
-(/api/models, /api/transcoders, /api/tasks, /api/methods), then watch live progress bars
-(polled with dcc.Interval) and follow the link to the result when a job finishes.
+"""Jobs: launch a prune, a sweep, an explain or a score job from a form whose choices come from
+the API's listings (/api/models, /api/transcoders, /api/tasks, /api/methods, /api/interpreters),
+then watch live progress bars (polled with dcc.Interval) and follow the link to the result when
+a job finishes.
 
-A prune with several methods or budgets launches one job per (method, K).
+A prune with several methods or budgets launches one job per (method, K). Explain and score take
+a stored circuit's id, an explainer and (score) a rater; "llm" is offered only when configured.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import dash
 from dash import Input, Output, State, callback, dcc, html, no_update
 
 from frontend_dash.api_client import ApiError, current_client
-from frontend_dash.components.job_form import job_requests, parse_budgets
+from frontend_dash.components.job_form import INTERP_KINDS, interp_request, job_requests, parse_budgets
 from frontend_dash.components.views import error_note, link, note, progress_bar, table
 
 
@@ -35,6 +37,12 @@ def _describe(job: dict[str, Any]) -> str:
         return f"{p.get('method')} K={p.get('k')} on {p.get('task')} (N={p.get('n')})"
     if job["kind"] == "sweep":
         return f"{', '.join(p.get('methods', []))} K={p.get('ks')} on {p.get('task')} (N={p.get('n')})"
+    if job["kind"] in INTERP_KINDS:
+        what = f"feature #{p['feature_id']}" if p.get("feature_id") else f"circuit #{p.get('circuit_id')}"
+        if p.get("prompt") is not None:
+            what += f", prompt {p['prompt']}"
+        who = p.get("explainer", "") + (f", rater {p['rater']}" if job["kind"] == "score" else "")
+        return f"{job['kind']} {what} ({who})"
     return f"graph of circuit #{p.get('circuit_id')}"
 
 
@@ -52,7 +60,7 @@ def layout(**_query: str) -> html.Div:
     client = current_client()
     try:
         models, tasks, methods = client.models(), client.tasks(), client.methods()
-        transcoders = client.transcoders()
+        transcoders, listing = client.transcoders(), client.interpreters()
         recent = client.jobs(limit=20)["items"]
     except ApiError as err:
         return html.Div([html.H2("Jobs"), error_note(err)])
@@ -66,7 +74,9 @@ def layout(**_query: str) -> html.Div:
         html.Div([
             html.Div([html.Label("kind"), dcc.RadioItems(id="jobs-kind", value="prune", inline=True, options=[
                 {"label": " prune (one circuit per method and K)", "value": "prune"},
-                {"label": " sweep (KL-vs-K)", "value": "sweep"}])]),
+                {"label": " sweep (KL-vs-K)", "value": "sweep"},
+                {"label": " explain (a circuit's features)", "value": "explain"},
+                {"label": " score (FADE)", "value": "score"}])]),
             html.Div([html.Label("model"), dcc.Dropdown(id="jobs-model", options=_options(models), value=model,
                                                        clearable=False)]),
             html.Div([html.Label("transcoder"), dcc.Dropdown(id="jobs-transcoder", clearable=False)]),
@@ -78,6 +88,16 @@ def layout(**_query: str) -> html.Div:
                      style={"minWidth": "320px"}),
             html.Div([html.Label("budgets K"), dcc.Input(id="jobs-ks", type="text", value="50,100,200")]),
         ], className="pie-filters pie-form"),
+        html.Div([
+            html.Div([html.Label("circuit id (explain, score)"), dcc.Input(id="jobs-circuit", type="number", min=1)]),
+            html.Div([html.Label("explainer"), dcc.Dropdown(id="jobs-explainer", clearable=False,
+                                                           options=_options(listing["explainers"]),
+                                                           value=listing["explainers"][0]["name"])]),
+            html.Div([html.Label("rater (score)"), dcc.Dropdown(
+                id="jobs-rater", clearable=False, value=listing["raters"][0]["name"],
+                options=[{"label": r["name"] + (" (proxy)" if r["proxy"] else ""), "value": r["name"]}
+                         for r in listing["raters"]])]),
+        ], className="pie-filters pie-form", id="jobs-interp-fields"),
         html.Button("Launch", id="jobs-submit", n_clicks=0),
         html.Div(id="jobs-form-status"),
         html.H3("Launched here"),
@@ -98,11 +118,19 @@ def transcoders_of_model(model: str | None, transcoders: list[dict[str, Any]]):
           Input("jobs-submit", "n_clicks"), State("jobs-kind", "value"), State("jobs-model", "value"),
           State("jobs-transcoder", "value"), State("jobs-task", "value"), State("jobs-n", "value"),
           State("jobs-methods", "value"), State("jobs-ks", "value"), State("jobs-launched", "data"),
+          State("jobs-circuit", "value"), State("jobs-explainer", "value"), State("jobs-rater", "value"),
           prevent_initial_call=True)
 def launch(n_clicks: int, kind: str, model: str | None, transcoder: str | None, task: str | None, n: int | None,
-           methods: list[str] | None, ks: str | None, launched: list[int]):
+           methods: list[str] | None, ks: str | None, launched: list[int], circuit: int | None = None,
+           explainer: str | None = None, rater: str | None = None):
     if not n_clicks:
         return no_update, no_update, no_update
+    if kind in INTERP_KINDS:
+        try:
+            bodies = [interp_request(kind, circuit, explainer or "offline", rater or "offline")]
+        except ValueError as err:
+            return no_update, note(str(err), "warning"), no_update
+        return _submit(bodies, launched)
     if not (model and transcoder and task and methods and n):
         return no_update, note("choose a model, a transcoder, a task, N and at least one method", "warning"), no_update
     try:
@@ -110,9 +138,13 @@ def launch(n_clicks: int, kind: str, model: str | None, transcoder: str | None, 
     except ValueError as err:
         return no_update, note(str(err), "warning"), no_update
     base = {"model": model, "transcoder": transcoder, "task": task, "n": int(n)}
+    return _submit(job_requests(kind, base, methods, budgets), launched)
+
+
+def _submit(bodies: list[dict[str, Any]], launched: list[int]):
     client = current_client()
     new_ids, messages = [], []
-    for body in job_requests(kind, base, methods, budgets):
+    for body in bodies:
         try:
             job = client.submit_job(body["kind"], body["params"])
         except ApiError as err:

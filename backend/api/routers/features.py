@@ -22,7 +22,8 @@ def _feature_out(row: Feature) -> FeatureOut:
 
 def _feature_detail(session: Session, row: Feature) -> FeatureDetail:
     return FeatureDetail(**_feature_out(row).model_dump(),
-                         examples=[ExampleOut.model_validate(e) for e in queries.list_examples(session, row.id)],
+                         examples=[ExampleOut.model_validate(e)
+                                   for e in queries.list_examples(session, row.id, limit=200)],
                          explanations=[ExplanationOut.model_validate(e)
                                        for e in queries.list_explanations(session, row.id)])
 

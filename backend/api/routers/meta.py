@@ -43,3 +43,11 @@ def transcoders(settings: Settings = Depends(get_settings)) -> list[dict[str, An
     """Transcoders named `<model>/<dir>` under models_cache, with their summaries."""
     from backend.models.transcoder_registry import list_transcoders
     return list_transcoders(settings)
+
+
+@router.get("/interpreters")
+def interpreters(settings: Settings = Depends(get_settings)) -> dict[str, list[dict[str, Any]]]:
+    """Explainers and raters this worker offers for explain/score jobs: offline always (its
+    rater is a proxy), llm only when PIESCOPE_LLM_BASE_URL and PIESCOPE_LLM_MODEL are set."""
+    from backend.jobs import interpreters as listing
+    return listing(settings)
