@@ -91,7 +91,7 @@ def test_aggregate_figure_and_stored_graphs():
     fig = aggregate_figure(aggregate)
     feature = next(t for t in fig.data if t.name == "feature")
     assert feature.marker.size[0] > feature.marker.size[1]          # kept on more prompts: bigger
-    assert list(fig.layout.yaxis.ticktext) == ["L0", "L1", "logit"]
+    assert list(fig.layout.yaxis.ticktext) == ["L0", "L1", "target"]
     circuit = {"graphs": {"all": {"graphs": [graph, {**graph, "prompt": 1}], "aggregate": aggregate},
                           "1": {"graphs": [{**graph, "prompt": 1, "links": []}], "aggregate": None}}}
     per_prompt, agg = stored_graphs(circuit)
