@@ -120,8 +120,10 @@ class Circuit(Base):
     """A pruned circuit (backend.circuits.results.Circuit) and its attribution graphs.
 
     prompts: per-prompt kept occurrences (PromptCircuit JSON); features: AggregatedFeature JSON;
-    graphs: {"all" | "<prompt index>": backend.circuits.graph.build_graph JSON}, null until a
-    graph job ran. revision: bumped by the ORM on every update (readers cache by it).
+    graphs: {"all" | "<prompt index>" (+ "@logit" for logit targets):
+    backend.circuits.graph_attribution.build_graph JSON}, null until a graph job ran (an imported
+    graph file is a circuit of method "imported" whose metrics are None).
+    revision: bumped by the ORM on every update (readers cache by it).
     """
 
     __tablename__ = "circuits"

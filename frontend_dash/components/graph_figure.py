@@ -232,6 +232,13 @@ def clicked_feature(click_data: dict[str, Any] | None) -> tuple[int, int] | None
     return int(custom[2]), int(custom[3])
 
 
+def graph_key_label(key: str) -> str:
+    """A stored graph's key for people: "all" -> "all prompts", "3" -> "prompt 3", "...@logit" -> "... (logit)"."""
+    base, _, target = key.partition("@")
+    text = "all prompts" if base == "all" else f"prompt {base}"
+    return f"{text} ({target})" if target else text
+
+
 def stored_graphs(circuit: dict[str, Any]) -> tuple[dict[int, tuple[str, dict[str, Any]]], dict[str, Any] | None]:
     """The circuit's computed graphs: prompt index -> (graph key, prompt graph), and the aggregate.
 
