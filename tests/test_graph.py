@@ -88,6 +88,30 @@ def test_the_target_is_labelled_as_the_metric_it_is(llama_setup):
     assert logit.node_id == f"{s.adapter.n_layers + 1}_{answer}_{len(graph.tokens) - 1}"
     with pytest.raises(InvalidParameterError, match="target"):
         prompt_graph(s.adapter, s.transcoder, s.batch, 0, [], target="loss")
+    # Keeping nothing: everything the CLT writes is the pruned node's, and the sum still holds.
+    empty = prompt_graph(s.adapter, s.transcoder, s.batch, 0, [])
+    assert "feature" not in {n.kind for n in empty.nodes}
+    t = empty.index(empty.target.node_id)
+    assert float(empty.incoming_sums()[t]) == pytest.approx(empty.target.value, abs=1e-4)
+    assert empty.weight("P", empty.target.node_id) != 0.0
+
+
+def test_a_nonlinear_metric_is_explained_by_its_first_order_term(llama_setup):
+    """prob_diff is not linear in the logits: the target is w . logits with w = dM/dlogits at the
+    clean logits, labelled so, and its incoming edges still sum to its value."""
+    import dataclasses
+    s, circuit = llama_setup
+    batch = dataclasses.replace(s.batch, metric_kind="prob_diff")
+    graph = prompt_graph(s.adapter, s.transcoder, batch, 0, circuit.prompts[0].kept)
+    target = graph.target
+    assert target.kind == "metric" and "first-order" in target.label and "prob_diff" in target.label
+    assert target.node_id == f"M_{target.feature}_-1_{len(graph.tokens) - 1}"
+    T = len(graph.tokens)
+    one = batch.subset([0])
+    logits = s.adapter.run(one.clean_ids[:, :T], one.attention_mask[:, :T]).logits.detach().requires_grad_(True)
+    metric(logits, one).sum().backward()
+    assert target.value == pytest.approx(float(logits.grad[0] @ logits[0].detach()), abs=1e-5)
+    assert float(graph.incoming_sums()[graph.index(target.node_id)]) == pytest.approx(target.value, abs=1e-4)
 
 
 # ---------------------------------------------------------------------- edges against interventions

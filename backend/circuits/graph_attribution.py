@@ -231,17 +231,17 @@ def prompt_graph(adapter: ModelAdapter, tc: Transcoder, batch: PromptBatch, inde
             for l, sel in by_layer.items():
                 n_t = dec[l].shape[1]
                 gs = g[l:l + n_t][:, :, f_pos[sel]]                                          # [n_t, c, s, d]
-                block[:, sel] = (f_act[sel] * torch.einsum("tcsd,std->cs", gs, dec[l])).double()
-            block[:, e0:t0] = torch.einsum("lctd,ltd->clt", g, errors).reshape(c, L * T).double()
+                block[:, sel] = (f_act[sel] * torch.einsum("tcsd,std->cs", gs, dec[l])).double().cpu()
+            block[:, e0:t0] = torch.einsum("lctd,ltd->clt", g, errors).reshape(c, L * T).double().cpu()
             embed = probes.embed.detach()[0].float()                                         # [T, d]
-            block[:, t0:col_pruned] = torch.einsum("ctd,td->ct", probes.embed.grad.float(), embed).double()
-            block[:, col_pruned] = torch.einsum("lctd,ltd->c", g, pruned).double()
-            constant = probes.constants(c) + torch.einsum("lctd,ld->c", g, b_dec).double()
-            constant += torch.where(is_feat, b_enc[f_layer[fi], f_idx[fi]].double(),
-                                    torch.full((c,), head_term, dtype=torch.float64))
+            block[:, t0:col_pruned] = torch.einsum("ctd,td->ct", probes.embed.grad.float(), embed).double().cpu()
+            block[:, col_pruned] = torch.einsum("lctd,ltd->c", g, pruned).double().cpu()
+            constant = probes.constants(c) + torch.einsum("lctd,ld->c", g, b_dec).double().cpu()
+            enc_bias = b_enc[f_layer[fi], f_idx[fi]].double().cpu() if n_feat else torch.zeros(c, dtype=torch.float64)
+            constant += torch.where(is_feat, enc_bias, torch.full((c,), head_term, dtype=torch.float64))
             block[:, col_bias] = constant
         adjacency[torch.tensor(part)] = block
-    return Graph(index, tokens, L, nodes, adjacency.float(), info={"target_kind": target})
+    return Graph(index, tokens, L, nodes, adjacency.float())
 
 
 def build_graph(adapter: ModelAdapter, transcoder: Transcoder, batch: PromptBatch, circuit: Circuit,

@@ -131,6 +131,8 @@ def _node_hover(n: dict[str, Any], explanations: dict[str, str]) -> str:
             lines.append(f"activation {n['activation']:.4g}")
         if "n_prompts" in n:
             lines.append(f"kept on {n['n_prompts']} prompt(s)")
+        if n.get("label"):  # an imported graph's own label (Neuronpedia's clerp)
+            lines.append(f"label: {_escape(n['label'])}")
         text = explanations.get(feature_key(n["layer"], n["feature"]))
         lines.append(f"explanation: {_escape(text)}" if text else "no explanation yet")
         return "<br>".join(lines)
