@@ -37,6 +37,9 @@ def test_import_stores_a_circuit_that_exports_the_same_graph(client):
     assert listed["id"] == body["circuit_id"] and listed["kl_ci95"] == [None, None]
     exported = client.get(f"/api/circuits/{body['circuit_id']}/graphs/0@logit/neuronpedia").json()
     assert Graph.from_neuronpedia(exported) == Graph.from_neuronpedia(HAND_WRITTEN)
+    # Compare treats it as a circuit without KL.
+    from frontend_dash.components.compare import feature_sets, kl_pairs
+    assert kl_pairs(circuit, circuit) == [] and feature_sets(circuit, circuit)["shared"]
     # The same file again: the same row.
     assert client.post("/api/graphs/import", json=HAND_WRITTEN).json()["circuit_id"] == body["circuit_id"]
 
