@@ -2,9 +2,10 @@
 
 On the demo model (default) or any model + CLT: a FAP circuit at K on N IOI prompts, then each
 prompt's complete graph for the metric and for the answer logit. Per graph: nodes, nonzero
-edges, wall time, the largest |sum of incoming edges - value| over its targets ("max err of sums") (the kept
-features' pre-activations and the target), the target's value next to the model's own M (or
-answer logit), and the share of the target's incoming weight carried by each kind of source.
+edges, wall time, "max err of sums" (the largest |sum of incoming edges - value| over its
+targets: the kept features' pre-activations and the target), the target's value next to the
+model's own M (or answer logit), and the share of the target's incoming |weight| carried by each
+kind of source.
 """
 
 from __future__ import annotations
