@@ -21,7 +21,14 @@ MAX_GRAPH_BODY_BYTES = 32 << 20
 router = APIRouter(prefix="/api", tags=["graphs"])
 
 
-@router.post("/graphs/import", status_code=201)
+BODY_SCHEMA = {"type": "object", "required": ["metadata", "nodes", "links"],
+               "description": "circuit-tracer / Neuronpedia graph JSON (create_graph_files' schema)",
+               "properties": {"metadata": {"type": "object", "required": ["prompt_tokens"]},
+                              "qParams": {"type": "object"}, "nodes": {"type": "array"}, "links": {"type": "array"}}}
+
+
+@router.post("/graphs/import", status_code=201,
+             openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": BODY_SCHEMA}}}})
 async def import_graph(request: Request,
                        model: str | None = Query(None, pattern=NAME_PATTERN,
                                                  description="model name; default: read off metadata.scan"),
