@@ -354,3 +354,14 @@ def test_a_node_knows_its_id():
     assert Node("logit", 4, 7, 11).node_id == "4_11_7"
     with pytest.raises(ValueError):
         Node("attention", 0, 0, 0).node_id  # noqa: B018
+
+
+def test_graphs_stored_before_the_typed_graph_still_load():
+    """The earlier stored format: no n_layers, values or is_target; the logit was the target."""
+    from tests.test_dashboard import _graph
+    old = _graph()
+    graph = Graph.from_json(old)
+    assert graph.n_layers == 2 and graph.target.node_id == "3_9_2" and graph.target.kind == "logit"
+    assert graph.weight("0_-1_2", "3_9_2") == 2.0 and graph.weight("E_1_1", "1_3_1") == pytest.approx(0.05)  # float32
+    exported = graph.to_neuronpedia(slug="old", scan="tiny/clt")
+    assert Graph.from_neuronpedia(exported) == graph
