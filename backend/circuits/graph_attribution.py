@@ -165,7 +165,7 @@ def prompt_graph(adapter: ModelAdapter, tc: Transcoder, batch: PromptBatch, inde
     one = batch_rows(batch, torch.tensor([index])).to(adapter.device)
     T = int(one.last_pos[0]) + 1
     ids, mask = one.clean_ids[:, :T], one.attention_mask[:, :T]
-    L, d = adapter.n_layers, adapter.d_model
+    L = adapter.n_layers
     kept = list({(o.layer, o.feature, o.position): o for o in kept}.values())
     n_feat = len(kept)
     f_layer = torch.tensor([o.layer for o in kept], dtype=torch.long)
