@@ -35,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompts", type=int, default=4, help="IOI prompt pairs")
     parser.add_argument("--k", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--random-features", type=int, default=None,
+                        help="use a random CLT with this many features per layer instead (exactness and cost do "
+                             "not depend on training; the shares do)")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
 
@@ -42,7 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     from backend.settings import Settings
     settings = Settings()
     adapter = load_model(args.model, settings)
-    tc = load_transcoder(args.clt or Path(settings.models_cache) / args.model / "clt")
+    if args.random_features:
+        from backend.models.transcoder import Transcoder, TranscoderConfig
+        tc = Transcoder.random(TranscoderConfig("clt", adapter.n_layers, adapter.d_model, args.random_features, "relu"),
+                               seed=args.seed)
+    else:
+        tc = load_transcoder(args.clt or Path(settings.models_cache) / args.model / "clt")
     tc.check_fits(adapter.n_layers, adapter.d_model, args.model)
     batch = get_task("ioi").build(adapter.tokenizer, args.prompts, args.seed)
     circuit = run_prune(adapter, tc, batch, PruneConfig(method="fap", k=args.k, all_token_kl=False, completeness=False),
@@ -69,7 +77,9 @@ def main(argv: list[str] | None = None) -> int:
                          "edges": int(torch.count_nonzero(graph.adjacency)), "seconds": seconds,
                          "max err of sums": worst, "value": node.value, "model": model_value,
                          **{f"share {k}": shares[k] for k in KINDS}})
-    print(f"{args.model}, FAP K={args.k}, {len(circuit.prompts)} IOI prompts; share of the target's incoming |weight|")
+    clt = f"random CLT, {args.random_features} features/layer" if args.random_features else "trained CLT"
+    print(f"{args.model} ({clt}), FAP K={args.k}, {len(circuit.prompts)} IOI prompts; "
+          "share of the target's incoming |weight|")
     print(table(rows))
     return 0
 
