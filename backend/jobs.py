@@ -123,6 +123,8 @@ class GraphParams(BaseModel):
 
     circuit_id: int = Field(ge=1)
     prompt: int | None = Field(None, ge=0, le=MAX_N)
+    target: Literal["metric", "logit"] = Field(
+        "metric", description="what the graph explains: the task metric M (e.g. logit(IO) - logit(S)) or the answer logit")
 
 
 CORPORA: tuple[str, ...] = ("default", "stories")
@@ -344,19 +346,19 @@ def run_sweep(context: JobContext, params: SweepParams, progress: Progress | Non
 
 
 def run_graph(context: JobContext, circuit, dataset: DatasetParams, prompt: int | None,
-              progress: Progress | None = None) -> JobOutput:
-    """The attribution graph (circuit-tracer JSON) of `circuit` (a results.Circuit) on its prompts.
+              progress: Progress | None = None, target: str = "metric") -> JobOutput:
+    """The attribution graphs (stored graph JSON) of `circuit` (a results.Circuit) on its prompts.
 
-    `dataset` rebuilds exactly the prompts the circuit was pruned on.
+    `dataset` rebuilds exactly the prompts the circuit was pruned on; `target` is "metric" or "logit".
     """
-    from backend.circuits.graph import build_graph
+    from backend.circuits.graph_attribution import build_graph
     if prompt is not None and prompt >= len(circuit.prompts):
         raise InvalidParameterError(f"prompt {prompt} out of range: the circuit has {len(circuit.prompts)} prompts")
     adapter, transcoder, batch = prepare(context, dataset, progress)
     if progress:
         progress(0.1, "building the attribution graph")
     graph = build_graph(adapter, transcoder, batch, circuit, [prompt] if prompt is not None else None,
-                        progress=(lambda f, m: progress(0.1 + 0.9 * f, m)) if progress else None)
+                        progress=(lambda f, m: progress(0.1 + 0.9 * f, m)) if progress else None, target=target)
     return JobOutput(graph, _pairs_json(batch))
 
 

@@ -22,7 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from backend.circuits.graph import aggregate_graphs  # noqa: E402
+from backend.circuits.graph import Graph  # noqa: E402
+from backend.circuits.graph_attribution import aggregate_graphs  # noqa: E402
 from backend.circuits.results import (AggregatedFeature, Circuit, FeatureOccurrence, PromptCircuit,  # noqa: E402
                                       Stat)
 from backend.settings import Settings  # noqa: E402
@@ -67,7 +68,7 @@ def synthetic(rng: random.Random, n_nodes: int, n_links: int) -> tuple[Circuit, 
         links.append({"source": s["node_id"], "target": t["node_id"], "weight": rng.gauss(0, 1)})
     graph = {"prompt": 0, "tokens": tokens, "answer_token": 7, "nodes": nodes, "links": links}
     return circuit, {"model": MODEL, "transcoder": TRANSCODER, "method": "fap", "k": n_nodes, "graphs": [graph],
-                     "aggregate": aggregate_graphs([graph])}
+                     "aggregate": aggregate_graphs([Graph.from_json(graph)])}
 
 
 def seed(settings: Settings, circuit: Circuit, graph: dict) -> int:

@@ -55,8 +55,10 @@ class FrozenModel:
     def _record(self, m, args, output):
         self.scales[m] = _hand_scale(m, args[0]).detach().clone()
 
-    def run(self, patch: torch.Tensor | None = None, grad: str | None = None):
-        """Logits at the last position with everything nonlinear frozen; patch: [L, B, T, d]."""
+    def run(self, patch: torch.Tensor | None = None, grad: str | None = None, **kwargs):
+        """Logits at the last position with everything nonlinear frozen; patch: [L, B, T, d].
+
+        kwargs go to `ModelAdapter.run` (e.g. logits_at="none" for the final hidden states)."""
         handles = [m.register_forward_hook(lambda m, a, o: _frozen_norm(m, a[0], self.scales[m]))
                    for m in _norms(self.adapter)]
         if self.mlp_out is not None:
@@ -66,7 +68,7 @@ class FrozenModel:
                     lambda m, a, o, frozen=frozen: frozen))
         try:
             return self.adapter.run(self.ids, self.mask, patch=patch, grad=grad,
-                                    attention=AttentionControl(override=self.patterns))
+                                    attention=AttentionControl(override=self.patterns), **kwargs)
         finally:
             for h in handles:
                 h.remove()

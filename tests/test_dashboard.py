@@ -16,7 +16,7 @@ from frontend_dash.components.feature_views import (EXAMPLE_RATING, example_labe
                                                     examples_view, histogram_figure, logit_lens_view, score_groups,
                                                     score_summary, scores_view)
 from frontend_dash.components.graph_figure import (aggregate_figure, clicked_feature, edge_traces, graph_figure,
-                                                   layout_prompt_nodes, stored_graphs)
+                                                   graph_key_label, layout_prompt_nodes, stored_graphs)
 from frontend_dash.components.job_form import interp_request, job_requests, parse_budgets
 from frontend_dash.components.kl_figure import compression_rows, kl_vs_k_figure
 from tests.browser import SCREENSHOTS, dash_stack, driver, severe_console_entries, tiny_cache  # noqa: F401
@@ -83,6 +83,35 @@ def test_edges_are_binned_by_weight_and_sign_with_none_separators():
     assert edge_traces(links, coords, threshold=0.95)[0]["x"] == [0, 1, None]
 
 
+def test_complete_graph_nodes_metric_target_and_graph_keys():
+    """A stored graph from the graph engine: pruned and bias nodes drawn with the error toggle, left
+    of the first token; the metric target labelled as what it is; metric graphs over logit ones."""
+    from backend.circuits.graph import Graph, Node
+    import torch
+    nodes = [Node("feature", 0, 1, 5, activation=1.0, value=0.5, score=0.3, token="b"),
+             Node("error", 0, 1, -1, token="b"), Node("token", -1, 0, 11, token="a"), Node("token", -1, 1, 12, token="b"),
+             Node("pruned", -1, -1, -1, label="the writes of the 3 active occurrences not kept"),
+             Node("bias", -1, -1, -1, label="constants"),
+             Node("metric", 2, 1, 7, value=1.25, token=" Mary", label='logit(" Mary") - logit(" John")',
+                  token_prob=0.5, distractor=8, is_target=True)]
+    adjacency = torch.zeros(7, 7)
+    adjacency[6, :6] = torch.tensor([0.5, 0.25, 0.125, 0.125, 0.125, 0.125])
+    graph = Graph(0, ["a", "b"], 1, nodes, adjacency).to_json()
+    shown = {n["node_id"]: n for n in layout_prompt_nodes(graph, show_errors=True)}
+    assert {"P", "B", "0_-1_1"} <= set(shown) and shown["P"]["y"] == 0 and shown["P"]["x"] < 0
+    assert not {"P", "B", "0_-1_1"} & {n["node_id"] for n in layout_prompt_nodes(graph)}
+    fig = graph_figure(graph, show_errors=True)
+    target = next(t for t in fig.data if t.name == "metric")
+    assert "logit(&quot; Mary&quot;) - logit(&quot; John&quot;)" in target.text[0] and "1.25" in target.text[0]
+    assert list(fig.layout.yaxis.ticktext) == ["tokens", "L0", "target"] and fig.layout.xaxis.range[0] < -1
+    logit = {**graph, "links": []}
+    per_prompt, _ = stored_graphs({"graphs": {"0@logit": {"graphs": [logit]}, "0": {"graphs": [graph]}}})
+    assert per_prompt[0][0] == "0"
+    per_prompt, _ = stored_graphs({"graphs": {"0@logit": {"graphs": [logit]}}})
+    assert per_prompt[0][0] == "0@logit"
+    assert [graph_key_label(k) for k in ("all", "3", "all@logit")] == ["all prompts", "prompt 3", "all prompts (logit)"]
+
+
 def test_aggregate_figure_and_stored_graphs():
     graph = _graph()
     aggregate = {"nodes": [{"node_id": "0_5", "kind": "feature", "layer": 0, "feature": 5, "n_prompts": 3},
@@ -92,7 +121,7 @@ def test_aggregate_figure_and_stored_graphs():
     fig = aggregate_figure(aggregate)
     feature = next(t for t in fig.data if t.name == "feature")
     assert feature.marker.size[0] > feature.marker.size[1]          # kept on more prompts: bigger
-    assert list(fig.layout.yaxis.ticktext) == ["L0", "L1", "logit"]
+    assert list(fig.layout.yaxis.ticktext) == ["L0", "L1", "target"]
     circuit = {"graphs": {"all": {"graphs": [graph, {**graph, "prompt": 1}], "aggregate": aggregate},
                           "1": {"graphs": [{**graph, "prompt": 1, "links": []}], "aggregate": None}}}
     per_prompt, agg = stored_graphs(circuit)

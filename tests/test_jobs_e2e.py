@@ -115,6 +115,32 @@ def test_graph_job_stores_the_graph_on_the_circuit(client):
     assert missing.status_code == 404 and "no graph" in missing.json()["detail"]
 
 
+def test_graph_targets_are_stored_apart_and_the_cli_builds_the_same_job(client, api_settings, monkeypatch, capsys):
+    from backend.cli import main
+    job, _ = run_to_end(client, {"kind": "prune", "params": PRUNE})
+    circuit_id = job["circuit_id"]
+    logit_job, _ = run_to_end(client, {"kind": "graph", "params": {"circuit_id": circuit_id, "prompt": 0,
+                                                                  "target": "logit"}})
+    assert logit_job["status"] == "done", logit_job["error"]
+    circuit = client.get(f"/api/circuits/{circuit_id}").json()
+    assert circuit["graph_keys"] == ["0@logit"]
+    target = circuit["graphs"]["0@logit"]["graphs"][0]["target"]
+    assert target["kind"] == "logit" and target["label"].startswith("logit(") and " - " not in target["label"]
+    assert client.post("/api/jobs", json={"kind": "graph", "params": {"circuit_id": circuit_id,
+                                                                      "target": "loss"}}).status_code == 422
+    # `piescope graph build` runs the same job in-process on the same store.
+    monkeypatch.setenv("PIESCOPE_MODELS_CACHE", str(api_settings.models_cache))
+    monkeypatch.setenv("PIESCOPE_DATA_DIR", str(api_settings.data_dir))
+    assert main(["graph", "build", "--circuit", str(circuit_id), "--prompt", "0"]) == 0
+    assert "stored graph '0'" in capsys.readouterr().out
+    circuit = client.get(f"/api/circuits/{circuit_id}").json()
+    assert circuit["graph_keys"] == ["0", "0@logit"]
+    metric = circuit["graphs"]["0"]["graphs"][0]["target"]
+    assert metric["kind"] == "metric" and metric["label"].count("logit(") == 2 and " - " in metric["label"]
+    assert main(["graph", "build", "--circuit", str(circuit_id), "--prompt", "99"]) == 2
+    assert "out of range" in capsys.readouterr().err
+
+
 def test_a_stored_circuit_registers_its_features(client):
     job, _ = run_to_end(client, {"kind": "prune", "params": PRUNE})
     circuit = client.get(f"/api/circuits/{job['circuit_id']}").json()

@@ -18,7 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from backend.api.cache import ResponseCache
 from backend.api.deps import require_write_token
 from backend.api.jobs import JobExecutor, JobKind
-from backend.api.routers import dashboard, features, interp, jobs, meta, results
+from backend.api.routers import dashboard, features, graphs, interp, jobs, meta, results
 from backend.errors import UserError
 from backend.settings import Settings
 from backend.store.db import open_store
@@ -35,17 +35,19 @@ class BodyLimitMiddleware:
     chunked upload is refused before any endpoint sees it.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, per_path: dict[str, int] | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.per_path = per_path or {}  # routes that take larger bodies (graph files)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
             await self.app(scope, receive, send)
             return
+        limit = self.per_path.get(scope.get("path", ""), self.max_bytes)
         declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._refuse(scope, receive, send)
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await self._refuse(scope, receive, send, limit)
             return
         chunks, size = [], 0
         while True:
@@ -54,8 +56,8 @@ class BodyLimitMiddleware:
                 return
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > self.max_bytes:
-                await self._refuse(scope, receive, send)
+            if size > limit:
+                await self._refuse(scope, receive, send, limit)
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):
@@ -72,8 +74,8 @@ class BodyLimitMiddleware:
 
         await self.app(scope, replay, send)
 
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        response = JSONResponse({"detail": f"request body over the limit of {self.max_bytes} bytes"},
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send, limit: int) -> None:
+        response = JSONResponse({"detail": f"request body over the limit of {limit} bytes"},
                                 status_code=413)
         await response(scope, receive, send)
 
@@ -112,9 +114,10 @@ def create_app(settings: Settings | None = None, *, max_body_bytes: int = MAX_BO
     app.state.settings = settings
     app.state.circuit_cache = ResponseCache()
     app.state.max_body_bytes = max_body_bytes
-    app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes,
+                       per_path={"/api/graphs/import": max(max_body_bytes, graphs.MAX_GRAPH_BODY_BYTES)})
     app.add_exception_handler(UserError, _user_error)
-    for module in (meta, jobs, results, features, interp, dashboard):
+    for module in (meta, jobs, results, graphs, features, interp, dashboard):
         app.include_router(module.router)
     return app
 

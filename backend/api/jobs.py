@@ -121,11 +121,11 @@ def _run_graph(context, sessions, params: job_functions.GraphParams, progress):
         inputs = job_functions.DatasetParams(model=row.model.name, transcoder=row.transcoder.name,
                                              task=dataset.task, task_options=dataset.task_options,
                                              n=dataset.n, seed=dataset.seed)
-    return job_functions.run_graph(context, circuit, inputs, params.prompt, progress)
+    return job_functions.run_graph(context, circuit, inputs, params.prompt, progress, params.target)
 
 
 def _store_graph(settings, session, params: job_functions.GraphParams, output) -> dict[str, int]:
-    queries.set_circuit_graph(session, params.circuit_id, params.prompt, output.result)
+    queries.set_circuit_graph(session, params.circuit_id, params.prompt, output.result, params.target)
     return {"circuit_id": params.circuit_id}
 
 

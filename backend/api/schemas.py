@@ -98,11 +98,11 @@ class CircuitSummary(BaseModel):
     budget: str
     corruption: str
     n_prompts: int
-    kl_mean: float
-    kl_std: float
-    kl_ci95: tuple[float, float]
-    pred_change_rate: float
-    faithfulness_mean: float
+    kl_mean: float | None = Field(description="None for a circuit imported from a graph file (not measured)")
+    kl_std: float | None
+    kl_ci95: tuple[float | None, float | None]
+    pred_change_rate: float | None
+    faithfulness_mean: float | None
     completeness_mean: float | None
     seconds: float
     graph_keys: list[str] = Field(description="computed attribution graphs: 'all' and/or prompt indices")

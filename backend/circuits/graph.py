@@ -1,277 +1,405 @@
-"""The attribution graph of a circuit (DESIGN section 6), and its circuit-tracer/Neuronpedia JSON.
+"""The typed attribution graph of one prompt (DESIGN 6), and its JSON: stored and Neuronpedia.
 
-Nodes: the kept occurrences of one prompt, the input tokens, the metric's answer logit, and an
-error term per (layer, position) (the part of mlp_out the CLT does not reconstruct).
-Edge s -> t: the direct effect of s on t's encoder pre-activation (or on the metric) in the
-linearised replacement model (attention patterns, norm scales and MLP outputs frozen):
-a_s * W_dec_s . J . W_enc_t. Each target needs one backward; targets are batched as copies of
-the prompt, one copy per target, so a chunk of targets costs one forward and one backward.
+A `Graph` is a list of `Node`s and a dense adjacency tensor [N, N] where ``adjacency[t, s]`` is
+the weight of the edge s -> t (circuit-tracer's convention): the direct effect of source s on
+target t in the linearised replacement model (see `graph_attribution`). Every node's incoming
+weights sum to its `value` when the graph is complete (computed graphs are; imported ones need
+not be).
 
-Node ids follow circuit-tracer and cannot collide: feature ``{layer}_{feature}_{pos}``, error
-``{layer}_-1_{pos}``, token ``E_{token_id}_{pos}``, logit ``{n_layers + 1}_{token_id}_{pos}``.
+Node kinds and ids (documented, and unable to collide: features and errors have a layer in
+[0, n_layers), logits n_layers + 1, errors feature -1, and the other kinds a letter prefix):
+
+=========  =====================================  ============================================
+kind       id                                     what it is
+=========  =====================================  ============================================
+feature    ``{layer}_{feature}_{pos}``            a kept CLT feature occurrence (its writes)
+error      ``{layer}_-1_{pos}``                   mlp_out minus the CLT reconstruction there
+token      ``E_{token_id}_{pos}``                 the residual stream entering layer 0 (token
+                                                  embedding, plus positional embedding and
+                                                  embedding scale where the model has them)
+pruned     ``P``                                  the writes of every active occurrence not kept
+bias       ``B``                                  every constant of the linearised model: CLT
+                                                  b_dec and b_enc, attention and LayerNorm
+                                                  biases, the unembedding bias
+metric     ``M_{answer}_{distractor}_{pos}``      target: the task metric, e.g.
+                                                  logit(" Mary") - logit(" John")
+logit      ``{n_layers + 1}_{token_id}_{pos}``    target: one logit (circuit-tracer's id)
+=========  =====================================  ============================================
+
+Sources are features, errors, tokens, pruned and bias; targets are features (value: encoder
+pre-activation) and the metric or logit node. JSON is made here and only here:
+`Graph.to_json`/`from_json` (the stored format the dashboard draws) and
+`to_neuronpedia`/`from_neuronpedia` (circuit-tracer / Neuronpedia graph files: `metadata`,
+`qParams`, `nodes`, `links`; PIEscope's extra per-node fields go under a `piescope` key that
+other readers ignore).
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
-from dataclasses import dataclass
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from torch import Tensor
 
-from backend.circuits.results import Circuit, FeatureOccurrence
-from backend.models.adapters import ModelAdapter
-from backend.models.transcoder import Transcoder
-from backend.tasks import PromptBatch, metric
+from backend.errors import InvalidParameterError
+
+SOURCE_KINDS = ("feature", "error", "token", "pruned", "bias")
+TARGET_KINDS = ("metric", "logit")
+KINDS = SOURCE_KINDS + TARGET_KINDS
+TARGETS = ("metric", "logit")   # the `target` option of a graph computation
+
+# Limits for graphs read from files or requests (the adjacency is dense: N^2 floats).
+MAX_IMPORT_NODES = 4096
+MAX_IMPORT_LINKS = 1_000_000
+MAX_ID_CHARS = 64
+
+# circuit-tracer / Neuronpedia feature_type of each kind; pruned and bias are PIEscope's own.
+FEATURE_TYPES = {"feature": "cross layer transcoder", "error": "mlp reconstruction error", "token": "embedding",
+                 "logit": "logit", "metric": "logit", "pruned": "pruned features", "bias": "bias"}
+KIND_OF_TYPE = {"cross layer transcoder": "feature", "per layer transcoder": "feature", "transcoder": "feature",
+                "mlp reconstruction error": "error", "embedding": "token", "logit": "logit",
+                "pruned features": "pruned", "bias": "bias"}
 
 
-@dataclass
-class GraphNodes:
-    """The nodes of one prompt's graph, as parallel lists."""
-
-    ids: list[str]
-    kinds: list[str]        # feature | error | token | logit
-    layers: list[int]       # token: -1, logit: n_layers
-    positions: list[int]
-    features: list[int]     # feature index, -1 for errors, token id for tokens and the logit
-    activations: list[float | None]
-
-
-def _embedding_leaf(adapter: ModelAdapter):
-    """A forward hook that turns the token embeddings into a gradient leaf; returns (hook, store)."""
-    store: dict[str, Tensor] = {}
-
-    def hook(module, args, output):
-        leaf = output.detach().requires_grad_(True)
-        store["embed"] = leaf
-        return leaf
-    return hook, store
+def node_id(kind: str, layer: int, feature: int, position: int, distractor: int = -1) -> str:
+    """The documented id of a node (see the module docstring)."""
+    if kind == "feature" or kind == "logit":
+        return f"{layer}_{feature}_{position}"
+    if kind == "error":
+        return f"{layer}_-1_{position}"
+    if kind == "token":
+        return f"E_{feature}_{position}"
+    if kind == "metric":
+        return f"M_{feature}_{distractor}_{position}"
+    if kind == "pruned":
+        return "P"
+    if kind == "bias":
+        return "B"
+    raise ValueError(f"unknown node kind {kind!r}")
 
 
-def _target_objective(adapter: ModelAdapter, tc: Transcoder, out, targets: list[FeatureOccurrence | None],
-                      rows: PromptBatch) -> Tensor:
-    """Sum over copies i of target i's value on copy i: a pre-activation, or the metric (None)."""
-    total = out.logits.new_zeros(())
-    for i, t in enumerate(targets):
-        if t is None:
-            total = total + metric(out.logits[i:i + 1], _row(rows, i)).sum()
-        else:
-            w = tc.W_enc[t.layer, t.feature]
-            total = total + out.resid_mid[t.layer, i, t.position] @ w
-    return total
+@dataclass(frozen=True)
+class Node:
+    """One node. layer: source layer (features, errors), -1 (tokens, pruned, bias) or n_layers + 1
+    (targets); position: token index, -1 for pruned and bias; feature: feature index, -1 for
+    errors, pruned and bias, the token id for tokens and logits, the answer id for the metric.
 
-
-def _row(rows: PromptBatch, i: int) -> PromptBatch:
-    from backend.circuits.attribution import batch_rows
-    return batch_rows(rows, torch.tensor([i]))
-
-
-def prompt_graph(adapter: ModelAdapter, tc: Transcoder, batch: PromptBatch, index: int,
-                 kept: list[FeatureOccurrence], *, chunk: int = 32, include_errors: bool = True,
-                 max_links: int = 20000) -> dict[str, Any]:
-    """The attribution graph of prompt ``index`` of ``batch`` with the kept occurrences as features.
-
-    Returns {"prompt", "tokens", "nodes": [...], "links": [{"source","target","weight"}]}; links are
-    the ``max_links`` largest by |weight|.
+    value: what the node's incoming edges sum to (targets only): a feature's encoder
+    pre-activation, the metric's or logit's value in the linearised model.
     """
-    from backend.circuits.attribution import batch_rows
-    one = batch_rows(batch, torch.tensor([index])).to(adapter.device)
-    T = int(one.last_pos[0]) + 1
-    ids, mask = one.clean_ids[:, :T], one.attention_mask[:, :T]
-    L = adapter.n_layers
-    with torch.no_grad():
-        clean = adapter.run(ids, mask, capture=True)
-        errors = clean.mlp_out[:, 0] - tc.decode(tc.encode(clean.resid_mid[:, 0]))           # [L, T, d]
-        embed = adapter.model.get_input_embeddings()(ids)[0]                                  # [T, d]
-    tokens = adapter.tokenizer.convert_ids_to_tokens(ids[0].tolist()) if adapter.tokenizer else [str(i) for i in ids[0].tolist()]
-    answer = int(one.answer_ids[0, 0]) if one.answer_ids.numel() and one.answer_ids[0, 0] >= 0 else int(clean.logits[0].argmax())
-    valid = list(range(1 if one.has_bos else 0, T))
 
-    # Sources: kept features, errors, tokens. Targets: kept features and the logit.
-    src = GraphNodes([], [], [], [], [], [])
-    for o in kept:
-        _add(src, f"{o.layer}_{o.feature}_{o.position}", "feature", o.layer, o.position, o.feature, o.activation)
-    if include_errors:
-        for layer in range(L):
-            for p in valid:
-                _add(src, f"{layer}_-1_{p}", "error", layer, p, -1, None)
-    for p in range(T):
-        _add(src, f"E_{int(ids[0, p])}_{p}", "token", -1, p, int(ids[0, p]), None)
-    logit_id = f"{L + 1}_{answer}_{T - 1}"
-    targets: list[FeatureOccurrence | None] = list(kept) + [None]
-    target_ids = [f"{o.layer}_{o.feature}_{o.position}" for o in kept] + [logit_id]
+    kind: str
+    layer: int
+    position: int
+    feature: int
+    activation: float | None = None
+    value: float | None = None
+    score: float | None = None
+    token: str = ""
+    label: str = ""
+    token_prob: float | None = None
+    distractor: int = -1
+    is_target: bool = False
 
-    weights = torch.zeros(len(targets), len(src.ids))
-    feat_n = len(kept)
-    feat_layer = torch.tensor([o.layer for o in kept], dtype=torch.long)
-    feat_pos = torch.tensor([o.position for o in kept], dtype=torch.long)
-    feat_act = torch.tensor([o.activation for o in kept])
-    feat_idx = torch.tensor([o.feature for o in kept], dtype=torch.long)
-    err_layer = torch.tensor([l for l, k in zip(src.layers, src.kinds) if k == "error"], dtype=torch.long)
-    err_pos = torch.tensor([p for p, k in zip(src.positions, src.kinds) if k == "error"], dtype=torch.long)
-    n_err = len(err_layer)
+    @property
+    def node_id(self) -> str:
+        return node_id(self.kind, self.layer, self.feature, self.position, self.distractor)
 
-    hook, store = _embedding_leaf(adapter)
-    for start in range(0, len(targets), chunk):
-        part = targets[start:start + chunk]
-        c = len(part)
-        rows = batch_rows(one, torch.zeros(c, dtype=torch.long))
-        handle = adapter.model.get_input_embeddings().register_forward_hook(hook)
+
+@dataclass(eq=False)
+class Graph:
+    """The attribution graph of one prompt.
+
+    tokens: the T input tokens; nodes: N nodes (computed graphs order them features, errors
+    (layer-major), tokens, pruned, bias, target); adjacency: [N, N] float32, row = target,
+    column = source.
+    """
+
+    prompt: int
+    tokens: list[str]
+    n_layers: int
+    nodes: list[Node]
+    adjacency: Tensor
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        n = len(self.nodes)
+        if tuple(self.adjacency.shape) != (n, n):
+            raise ValueError(f"adjacency has shape {tuple(self.adjacency.shape)}, expected ({n}, {n})")
+        ids = self.ids
+        if len(set(ids)) != n:
+            dupes = sorted({i for i in ids if ids.count(i) > 1})[:5]
+            raise InvalidParameterError(f"graph node ids must be unique; repeated: {', '.join(dupes)}")
+
+    @property
+    def ids(self) -> list[str]:
+        return [n.node_id for n in self.nodes]
+
+    def index(self, node: str) -> int:
+        return self.ids.index(node)
+
+    @property
+    def target(self) -> Node | None:
+        """The node the graph explains (the metric or the logit), if it has one."""
+        return next((n for n in self.nodes if n.is_target), None)
+
+    def weight(self, source: str, target: str) -> float:
+        return float(self.adjacency[self.index(target), self.index(source)])
+
+    def feature_table(self) -> Tensor:
+        """[F, 3] int64 (layer, pos, feature) of the feature nodes, in node order."""
+        rows = [(n.layer, n.position, n.feature) for n in self.nodes if n.kind == "feature"]
+        return torch.tensor(rows, dtype=torch.long).reshape(-1, 3)
+
+    def incoming_sums(self) -> Tensor:
+        """[N] the sum of each node's incoming edge weights (float64)."""
+        return self.adjacency.double().sum(1)
+
+    def __eq__(self, other: object) -> bool:
+        return (isinstance(other, Graph) and self.prompt == other.prompt and self.tokens == other.tokens
+                and self.n_layers == other.n_layers and self.nodes == other.nodes
+                and torch.equal(self.adjacency, other.adjacency))
+
+    # ------------------------------------------------------------------ links
+
+    def links(self, max_links: int | None = None) -> list[dict[str, Any]]:
+        """Nonzero edges {source, target, weight}, largest |weight| first (at most max_links)."""
+        flat = self.adjacency.flatten()
+        nz = torch.nonzero(flat, as_tuple=True)[0]
+        nz = nz[torch.argsort(flat[nz].abs(), descending=True, stable=True)]
+        if max_links is not None:
+            nz = nz[:max_links]
+        ids, n = self.ids, len(self.nodes)
+        return [{"source": ids[j % n], "target": ids[j // n], "weight": float(flat[j])} for j in nz.tolist()]
+
+    @staticmethod
+    def _adjacency(ids: list[str], links: list[dict[str, Any]]) -> Tensor:
+        where = {node: i for i, node in enumerate(ids)}
+        adjacency = torch.zeros(len(ids), len(ids))
+        for link in links:
+            s, t = where.get(link["source"]), where.get(link["target"])
+            if s is None or t is None:
+                missing = link["source"] if s is None else link["target"]
+                raise InvalidParameterError(f"a link names node {missing!r}, which is not among the nodes")
+            adjacency[t, s] = float(link["weight"])
+        return adjacency
+
+    # ------------------------------------------------------------------ stored JSON (the dashboard's)
+
+    def to_json(self, max_links: int | None = None) -> dict[str, Any]:
+        """The stored format: {prompt, tokens, n_layers, target, nodes: [...], links: [...], n_links}."""
+        links = self.links(max_links)
+        target = self.target
+        return {"prompt": self.prompt, "tokens": list(self.tokens), "n_layers": self.n_layers,
+                "target": None if target is None else {"node_id": target.node_id, "kind": target.kind,
+                                                       "label": target.label, "value": target.value},
+                "answer_token": target.feature if target is not None else None,
+                "nodes": [{"node_id": n.node_id, **asdict(n)} for n in self.nodes],
+                "links": links, "n_links": int(torch.count_nonzero(self.adjacency)), **self.info}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Graph:
+        """A stored graph back (older stored graphs, without `n_layers` or values, too)."""
+        names = {f.name for f in fields(Node)}
+        nodes = [Node(**{k: v for k, v in n.items() if k in names}) for n in data["nodes"]]
+        if "n_layers" in data:
+            n_layers = int(data["n_layers"])
+        else:  # graphs stored before n_layers was: the logit sat at layer n_layers + 1
+            n_layers = next((n.layer - 1 for n in nodes if n.kind in TARGET_KINDS), 0)
+            nodes = [replace(n, is_target=True) if n.kind == "logit" else n for n in nodes]
+        stored_ids = [n["node_id"] for n in data["nodes"]]
+        graph = cls(int(data.get("prompt", 0)), list(data["tokens"]), n_layers, nodes,
+                    torch.zeros(len(nodes), len(nodes)))
+        if stored_ids != graph.ids:
+            raise InvalidParameterError("stored graph node ids do not match their fields")
+        graph.adjacency = cls._adjacency(graph.ids, data["links"])
+        return graph
+
+    # ------------------------------------------------------------------ Neuronpedia / circuit-tracer JSON
+
+    def to_neuronpedia(self, *, slug: str, scan: str, prompt: str = "",
+                       max_links: int | None = None) -> dict[str, Any]:
+        """circuit-tracer / Neuronpedia graph JSON (`create_graph_files`' schema)."""
+        return {"metadata": {"slug": slug, "scan": scan, "transcoder_list": [], "prompt_tokens": list(self.tokens),
+                             "prompt": prompt, "node_threshold": None, "schema_version": 1,
+                             "piescope": {"prompt": self.prompt, "n_layers": self.n_layers}},
+                "qParams": {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""},
+                "nodes": [_neuronpedia_node(n) for n in self.nodes],
+                "links": self.links(max_links)}
+
+    @classmethod
+    def from_neuronpedia(cls, data: Any) -> Graph:
+        """A circuit-tracer / Neuronpedia graph JSON as a Graph. Malformed -> InvalidParameterError."""
         try:
-            with torch.enable_grad():
-                out = adapter.run(ids.repeat(c, 1), mask.repeat(c, 1), capture=True, linearise=True,
-                                  grad="replacement")
-                _target_objective(adapter, tc, out, part, rows).backward()
-        finally:
-            handle.remove()
-        grads = out.mlp_out_grads()                                                          # [L, c, T, d]
-        e_grad = store["embed"].grad                                                         # [c, T, d]
-        with torch.no_grad():
-            block = torch.zeros(c, len(src.ids))
-            for layer in torch.unique(feat_layer).tolist() if feat_n else []:
-                sel = torch.nonzero(feat_layer == layer, as_tuple=True)[0]
-                dec = tc.decoder_rows(layer, feat_idx[sel])                                 # [s, n_t, d]
-                n_t = dec.shape[1]
-                g = grads[layer:layer + n_t][:, :, feat_pos[sel]]                          # [n_t, c, s, d]
-                block[:, sel] = feat_act[sel] * torch.einsum("tcsd,std->cs", g, dec)
-            if n_err:
-                g = grads[err_layer, :, err_pos]                                            # [e, c, d]
-                block[:, feat_n:feat_n + n_err] = torch.einsum("ecd,ed->ce", g, errors[err_layer, err_pos])
-            block[:, feat_n + n_err:] = torch.einsum("ctd,td->ct", e_grad, embed)
-        weights[start:start + c] = block
-
-    # Features come first among both sources and targets: a feature's edge to itself is not an edge.
-    idx = torch.arange(feat_n)
-    weights[idx, idx] = 0.0
-    nodes = _node_json(src, kept, tokens, answer, logit_id, T, L, adapter, clean.logits[0])
-    flat = weights.flatten()
-    keep = torch.nonzero(flat != 0, as_tuple=True)[0]
-    keep = keep[torch.argsort(flat[keep].abs(), descending=True)[:max_links]]
-    n_src = len(src.ids)
-    links = [{"source": src.ids[j % n_src], "target": target_ids[j // n_src], "weight": float(flat[j])}
-             for j in keep.tolist()]
-    return {"prompt": index, "tokens": tokens, "answer_token": answer, "nodes": nodes, "links": links}
-
-
-def _add(nodes: GraphNodes, node_id: str, kind: str, layer: int, pos: int, feature: int,
-         activation: float | None) -> None:
-    nodes.ids.append(node_id)
-    nodes.kinds.append(kind)
-    nodes.layers.append(layer)
-    nodes.positions.append(pos)
-    nodes.features.append(feature)
-    nodes.activations.append(activation)
-
-
-def _node_json(src: GraphNodes, kept: list[FeatureOccurrence], tokens: list[str], answer: int, logit_id: str,
-               T: int, L: int, adapter: ModelAdapter, logits: Tensor) -> list[dict[str, Any]]:
-    score = {f"{o.layer}_{o.feature}_{o.position}": o.score for o in kept}
-    nodes = []
-    for node_id, kind, layer, pos, feature, act in zip(src.ids, src.kinds, src.layers, src.positions,
-                                                      src.features, src.activations):
-        nodes.append({"node_id": node_id, "kind": kind, "layer": layer, "position": pos, "feature": feature,
-                      "activation": act, "score": score.get(node_id), "token": tokens[pos]})
-    prob = float(torch.softmax(logits.float(), -1)[answer])
-    answer_token = adapter.tokenizer.convert_ids_to_tokens([answer])[0] if adapter.tokenizer else str(answer)
-    nodes.append({"node_id": logit_id, "kind": "logit", "layer": L + 1, "position": T - 1, "feature": answer,
-                  "activation": None, "score": None, "token": answer_token, "token_prob": prob})
-    return nodes
-
-
-def build_graph(adapter: ModelAdapter, transcoder: Transcoder, batch: PromptBatch, circuit: Circuit,
-                prompts: list[int] | None = None, progress=None, **kwargs: Any) -> dict[str, Any]:
-    """Per-prompt graphs of a stored circuit (all its prompts unless ``prompts`` is given).
-
-    ``batch`` must be the circuit's prompt pairs (same task, n and seed) so that prompt i of the
-    circuit is row i of the batch. ``progress(fraction, message)`` is called once per prompt.
-    """
-    by_index = {p.index: p for p in circuit.prompts}
-    chosen = prompts if prompts is not None else sorted(by_index)
-    graphs = []
-    for n, i in enumerate(chosen):
-        if progress:
-            progress(n / len(chosen), f"graph of prompt {i}")
-        graphs.append(prompt_graph(adapter, transcoder, batch, i, by_index[i].kept, **kwargs))
-    return {"model": circuit.model, "transcoder": circuit.transcoder, "method": circuit.method, "k": circuit.k,
-            "graphs": graphs, "aggregate": aggregate_graphs(graphs)}
-
-
-def aggregate_graphs(graphs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Features across prompts: nodes are (layer, feature), edge weights averaged over prompts."""
-    counts: dict[str, int] = defaultdict(int)
-    info: dict[str, dict[str, Any]] = {}
-    links: dict[tuple[str, str], float] = defaultdict(float)
-    for g in graphs:
-        key_of = {}
-        for n in g["nodes"]:
-            if n["kind"] == "feature":
-                key = f"{n['layer']}_{n['feature']}"
-            elif n["kind"] == "logit":
-                key = "logit"
-            else:
-                continue  # tokens and errors are prompt-specific
-            key_of[n["node_id"]] = key
-            if key not in info:
-                info[key] = {"node_id": key, "kind": n["kind"], "layer": n["layer"], "feature": n["feature"]}
-        for key in set(key_of.values()):
-            counts[key] += 1
-        for link in g["links"]:
-            s, t = key_of.get(link["source"]), key_of.get(link["target"])
-            if s is not None and t is not None and s != t:
-                links[(s, t)] += link["weight"] / len(graphs)
-    nodes = [{**info[k], "n_prompts": counts[k]} for k in info]
-    return {"nodes": nodes, "links": [{"source": s, "target": t, "weight": w} for (s, t), w in links.items()]}
-
-
-def to_neuronpedia(graph: dict[str, Any], *, slug: str, scan: str, prompt: str,
-                   n_layers: int) -> dict[str, Any]:
-    """One prompt graph as circuit-tracer / Neuronpedia graph JSON (metadata, qParams, nodes, links)."""
-    nodes = []
-    for n in graph["nodes"]:
-        kind = n["kind"]
-        base = {"node_id": n["node_id"], "ctx_idx": n["position"], "run_idx": 0, "reverse_ctx_idx": 0,
-                "clerp": "", "influence": None, "activation": n.get("activation"), "token_prob": 0.0,
-                "is_target_logit": False}
-        if kind == "feature":
-            layer, feat = n["layer"], n["feature"]
-            base.update(feature=(layer + feat) * (layer + feat + 1) // 2 + feat, layer=str(layer),
-                        feature_type="cross layer transcoder", jsNodeId=f"{layer}_{feat}-0")
-        elif kind == "error":
-            base.update(feature=-1, layer=str(n["layer"]), feature_type="mlp reconstruction error",
-                        jsNodeId=f"{n['layer']}_-1-{n['position']}")
-        elif kind == "token":
-            base.update(feature=n["position"], layer="E", feature_type="embedding",
-                        jsNodeId=f"E_{n['feature']}-{n['position']}")
+            doc = NeuronpediaGraph.model_validate(data)
+        except ValidationError as err:
+            first = err.errors()[0]
+            where = ".".join(str(x) for x in first["loc"]) or "body"
+            raise InvalidParameterError(f"not a circuit-tracer graph JSON: {where}: {first['msg']}") from None
+        tokens = doc.metadata.prompt_tokens
+        extra = doc.metadata.piescope or {}
+        nodes = [_node_from_neuronpedia(n, i, tokens) for i, n in enumerate(doc.nodes)]
+        if "n_layers" in extra:
+            n_layers = int(extra["n_layers"])
         else:
-            base.update(feature=n["feature"], layer=str(n_layers + 1), feature_type="logit",
-                        jsNodeId=f"L_{n['feature']}-{n['position']}", is_target_logit=True,
-                        token_prob=n.get("token_prob", 0.0),
-                        clerp=f'Output "{n["token"]}" (p={n.get("token_prob", 0.0):.3f})')
-        nodes.append(base)
-    return {"metadata": {"slug": slug, "scan": scan, "transcoder_list": [], "prompt_tokens": graph["tokens"],
-                         "prompt": prompt, "node_threshold": None, "schema_version": 1},
-            "qParams": {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""},
-            "nodes": nodes, "links": [dict(link) for link in graph["links"]]}
+            n_layers = next((n.layer - 1 for n in nodes if n.kind in TARGET_KINDS),
+                            max((n.layer + 1 for n in nodes if n.kind in ("feature", "error")), default=0))
+        graph = cls(int(extra.get("prompt", 0)), list(tokens), n_layers, nodes, torch.zeros(len(nodes), len(nodes)))
+        for n, raw in zip(nodes, doc.nodes):
+            if n.node_id != raw.node_id:
+                raise InvalidParameterError(f"node {raw.node_id!r}: its id does not match its fields "
+                                            f"({n.kind} at layer {n.layer}, position {n.position}: {n.node_id!r})")
+        graph.adjacency = cls._adjacency(graph.ids, [link.model_dump() for link in doc.links])
+        return graph
 
 
-def from_neuronpedia(data: dict[str, Any]) -> dict[str, Any]:
-    """A circuit-tracer / Neuronpedia graph JSON as PIEscope's graph dict (nodes, links, tokens)."""
+# ---------------------------------------------------------------------- Neuronpedia nodes
+
+def _cantor(x: int, y: int) -> int:
+    return (x + y) * (x + y + 1) // 2 + y
+
+
+def _neuronpedia_node(n: Node) -> dict[str, Any]:
+    base = {"node_id": n.node_id, "feature": n.feature, "layer": str(n.layer), "ctx_idx": max(n.position, 0),
+            "feature_type": FEATURE_TYPES[n.kind], "token_prob": n.token_prob or 0.0,
+            "is_target_logit": n.is_target, "run_idx": 0, "reverse_ctx_idx": 0, "jsNodeId": n.node_id,
+            "clerp": n.label, "influence": None, "activation": n.activation}
+    if n.kind == "feature":
+        base.update(feature=_cantor(n.layer, n.feature), jsNodeId=f"{n.layer}_{n.feature}-0")
+    elif n.kind == "error":
+        base.update(jsNodeId=f"{n.layer}_-1-{n.position}")
+    elif n.kind == "token":
+        base.update(feature=n.position, layer="E", jsNodeId=f"E_{n.feature}-{n.position}")
+    elif n.kind == "logit":
+        base.update(jsNodeId=f"L_{n.feature}-{n.position}",
+                    clerp=f'Output "{n.token}" (p={n.token_prob or 0.0:.3f})')
+    elif n.kind == "metric":
+        base.update(jsNodeId=f"L_M{n.feature}_{n.distractor}-{n.position}")
+    else:  # pruned, bias: no position; drawn beside the embeddings by viewers that know them
+        base.update(layer="E", jsNodeId=n.node_id)
+    base["piescope"] = {"kind": n.kind, "layer": n.layer, "position": n.position, "feature": n.feature,
+                        "value": n.value, "score": n.score, "token": n.token, "label": n.label,
+                        "distractor": n.distractor, "token_prob": n.token_prob}
+    return base
+
+
+_OUTPUT = re.compile(r'^Output "(.*)" \(p=[^)]*\)$', re.S)
+
+
+def _node_from_neuronpedia(raw: NeuronpediaNode, i: int, tokens: list[str]) -> Node:
+    if raw.ctx_idx >= len(tokens):
+        raise InvalidParameterError(f"node {raw.node_id!r}: ctx_idx {raw.ctx_idx} is past the "
+                                    f"{len(tokens)} prompt tokens")
+    extra = raw.piescope
+    if extra is not None:  # written by PIEscope: every field is there
+        try:
+            return Node(kind=extra.kind, layer=extra.layer, position=extra.position, feature=extra.feature,
+                        activation=raw.activation, value=extra.value, score=extra.score, token=extra.token,
+                        label=extra.label, token_prob=extra.token_prob, distractor=extra.distractor,
+                        is_target=raw.is_target_logit)
+        except (TypeError, ValueError) as err:
+            raise InvalidParameterError(f"node {raw.node_id!r}: {err}") from None
+    kind = KIND_OF_TYPE.get(raw.feature_type)
+    if kind is None or kind in ("pruned", "bias"):
+        raise InvalidParameterError(f"node {raw.node_id!r}: unknown feature_type {raw.feature_type!r}; known: "
+                                    + ", ".join(sorted(t for t, k in KIND_OF_TYPE.items() if k not in ("pruned", "bias"))))
+    parts = raw.node_id.split("_")
     try:
-        kinds = {"cross layer transcoder": "feature", "mlp reconstruction error": "error",
-                 "embedding": "token", "logit": "logit"}
-        nodes = []
-        for n in data["nodes"]:
-            kind = kinds.get(n["feature_type"], "feature")
-            parts = n["node_id"].split("_")
-            layer = -1 if kind == "token" else int(n["layer"])
-            feature = int(parts[1]) if kind in ("feature", "token", "logit") else -1
-            nodes.append({"node_id": n["node_id"], "kind": kind, "layer": layer, "position": int(n["ctx_idx"]),
-                          "feature": feature, "activation": n.get("activation"), "score": n.get("influence"),
-                          "token": data["metadata"]["prompt_tokens"][int(n["ctx_idx"])]
-                          if kind != "logit" else n.get("clerp", ""), "token_prob": n.get("token_prob")})
-        links = [{"source": l["source"], "target": l["target"], "weight": float(l["weight"])} for l in data["links"]]
-    except (KeyError, ValueError, IndexError, TypeError) as err:
-        from backend.errors import UserError
-        raise UserError(f"not a circuit-tracer graph JSON: {type(err).__name__}: {err}") from None
-    return {"prompt": 0, "tokens": list(data["metadata"]["prompt_tokens"]), "nodes": nodes, "links": links}
+        if kind == "token":
+            if len(parts) != 3 or parts[0] != "E":
+                raise ValueError("an embedding id is E_{token}_{pos}")
+            layer, feature = -1, int(parts[1])
+        else:
+            if len(parts) != 3:
+                raise ValueError("a feature, error or logit id is {layer}_{index}_{pos}")
+            layer, feature = int(raw.layer), int(parts[1])
+            if int(parts[0]) != layer:
+                raise ValueError(f"its layer field says {raw.layer}")
+        if int(parts[2]) != raw.ctx_idx:
+            raise ValueError(f"its ctx_idx field says {raw.ctx_idx}")
+    except ValueError as err:
+        raise InvalidParameterError(f"node {raw.node_id!r}: {err}") from None
+    if kind == "error" and feature != -1:
+        raise InvalidParameterError(f"node {raw.node_id!r}: an error node's id is {{layer}}_-1_{{pos}}")
+    token, label = tokens[raw.ctx_idx], raw.clerp
+    if kind == "logit":
+        match = _OUTPUT.match(raw.clerp)
+        token = match.group(1) if match else raw.clerp
+        label = f"logit({json.dumps(token)})"
+    return Node(kind=kind, layer=layer, position=raw.ctx_idx, feature=feature, activation=raw.activation,
+                score=raw.influence, token=token, label=label, token_prob=raw.token_prob,
+                is_target=raw.is_target_logit)
+
+
+# ---------------------------------------------------------------------- the published schema, validated
+
+def _finite(value: float | None) -> float | None:
+    if value is not None and not math.isfinite(value):
+        raise ValueError("must be a finite number")
+    return value
+
+
+class _PiescopeNode(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kind: str = Field(pattern="^(" + "|".join(KINDS) + ")$")
+    layer: int = Field(ge=-1, le=10_000)
+    position: int = Field(ge=-1, le=1_000_000)
+    feature: int = Field(ge=-1, le=2**40)
+    value: float | None = None
+    score: float | None = None
+    token: str = Field("", max_length=1000)
+    label: str = Field("", max_length=1000)
+    distractor: int = Field(-1, ge=-1, le=2**40)
+    token_prob: float | None = None
+
+    _finite_floats = field_validator("value", "score", "token_prob")(_finite)
+
+
+class NeuronpediaNode(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    node_id: str = Field(min_length=1, max_length=MAX_ID_CHARS)
+    feature: int
+    layer: str | int
+    ctx_idx: int = Field(ge=0)
+    feature_type: str = Field(max_length=100)
+    token_prob: float | None = 0.0
+    is_target_logit: bool = False
+    clerp: str = Field("", max_length=10_000)
+    influence: float | None = None
+    activation: float | None = None
+    piescope: _PiescopeNode | None = None
+
+    _finite_floats = field_validator("token_prob", "influence", "activation")(_finite)
+
+
+class NeuronpediaLink(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    source: str = Field(max_length=MAX_ID_CHARS)
+    target: str = Field(max_length=MAX_ID_CHARS)
+    weight: float
+
+    _finite_weight = field_validator("weight")(_finite)
+
+
+class NeuronpediaMetadata(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    prompt_tokens: list[str] = Field(min_length=1, max_length=100_000)
+    prompt: str = ""
+    slug: str = ""
+    scan: str | None = ""
+    piescope: dict[str, int] | None = None
+
+
+class NeuronpediaGraph(BaseModel):
+    """The published graph-file schema: metadata, qParams, nodes, links (extra fields allowed)."""
+
+    model_config = ConfigDict(extra="allow")
+    metadata: NeuronpediaMetadata
+    qParams: dict[str, Any] = Field(default_factory=dict)
+    nodes: list[NeuronpediaNode] = Field(min_length=1, max_length=MAX_IMPORT_NODES)
+    links: list[NeuronpediaLink] = Field(max_length=MAX_IMPORT_LINKS)

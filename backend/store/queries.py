@@ -165,7 +165,7 @@ def job_result_exists(session: Session, job: Job) -> bool:
         return job.sweep_id is not None and session.get(Sweep, job.sweep_id) is not None
     if job.kind == "graph":
         circuit = session.get(Circuit, job.circuit_id) if job.circuit_id else None
-        key = graph_key(job.params.get("prompt"))
+        key = graph_key(job.params.get("prompt"), job.params.get("target", "metric"))
         return circuit is not None and bool(circuit.graphs) and key in circuit.graphs
     if job.kind == "prune":
         return job.circuit_id is not None and session.get(Circuit, job.circuit_id) is not None
@@ -272,14 +272,17 @@ def list_circuits(session: Session, *, model: str | None = None, transcoder: str
     return _page(session, stmt.order_by(Circuit.id.desc()), limit, offset)
 
 
-def graph_key(prompt: int | None) -> str:
-    """Key of a graph in `circuits.graphs`: "all" or the prompt index."""
-    return "all" if prompt is None else str(prompt)
+def graph_key(prompt: int | None, target: str = "metric") -> str:
+    """Key of a graph in `circuits.graphs`: "all" or the prompt index, with "@logit" appended for
+    graphs of the answer logit (the metric's graphs keep the plain key)."""
+    key = "all" if prompt is None else str(prompt)
+    return key if target == "metric" else f"{key}@{target}"
 
 
-def set_circuit_graph(session: Session, circuit_id: int, prompt: int | None, graph: dict[str, Any]) -> None:
+def set_circuit_graph(session: Session, circuit_id: int, prompt: int | None, graph: dict[str, Any],
+                      target: str = "metric") -> None:
     row = get_circuit(session, circuit_id)
-    row.graphs = {**(row.graphs or {}), graph_key(prompt): graph}  # a new dict: JSON changes are detected
+    row.graphs = {**(row.graphs or {}), graph_key(prompt, target): graph}  # a new dict: JSON changes are detected
     row.graph_keys = sorted(row.graphs)
 
 

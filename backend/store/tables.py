@@ -120,8 +120,10 @@ class Circuit(Base):
     """A pruned circuit (backend.circuits.results.Circuit) and its attribution graphs.
 
     prompts: per-prompt kept occurrences (PromptCircuit JSON); features: AggregatedFeature JSON;
-    graphs: {"all" | "<prompt index>": backend.circuits.graph.build_graph JSON}, null until a
-    graph job ran. revision: bumped by the ORM on every update (readers cache by it).
+    graphs: {"all" | "<prompt index>" (+ "@logit" for logit targets):
+    backend.circuits.graph_attribution.build_graph JSON}, null until a graph job ran (an imported
+    graph file is a circuit of method "imported" whose metrics are None).
+    revision: bumped by the ORM on every update (readers cache by it).
     """
 
     __tablename__ = "circuits"
@@ -143,12 +145,13 @@ class Circuit(Base):
     n_prompts: Mapped[int]
     prompts: Mapped[list[Any]]
     features: Mapped[list[Any]]
-    kl_mean: Mapped[float]
-    kl_std: Mapped[float]
-    kl_ci_low: Mapped[float]
-    kl_ci_high: Mapped[float]
-    pred_change_rate: Mapped[float]
-    faithfulness_mean: Mapped[float]
+    # None only for a circuit imported from a graph file (nothing was measured).
+    kl_mean: Mapped[float | None]
+    kl_std: Mapped[float | None]
+    kl_ci_low: Mapped[float | None]
+    kl_ci_high: Mapped[float | None]
+    pred_change_rate: Mapped[float | None]
+    faithfulness_mean: Mapped[float | None]
     completeness_mean: Mapped[float | None]
     seconds: Mapped[float]
     cost: Mapped[dict[str, Any]] = mapped_column(default=dict)

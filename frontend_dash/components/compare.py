@@ -36,10 +36,11 @@ def jaccard(sets: dict[str, list[dict[str, Any]]]) -> float:
 
 
 def kl_pairs(a: dict[str, Any], b: dict[str, Any]) -> list[dict[str, Any]]:
-    """Rows {prompt, kl_a, kl_b, diff = kl_b - kl_a} over the prompts both circuits have."""
-    kb = {p["index"]: p["kl_last"] for p in b["prompts"]}
+    """Rows {prompt, kl_a, kl_b, diff = kl_b - kl_a} over the prompts both circuits have (and measured:
+    an imported graph's circuit has no KL)."""
+    kb = {p["index"]: p["kl_last"] for p in b["prompts"] if p.get("kl_last") is not None}
     return [{"prompt": p["index"], "kl_a": p["kl_last"], "kl_b": kb[p["index"]], "diff": kb[p["index"]] - p["kl_last"]}
-            for p in sorted(a["prompts"], key=lambda p: p["index"]) if p["index"] in kb]
+            for p in sorted(a["prompts"], key=lambda p: p["index"]) if p["index"] in kb and p.get("kl_last") is not None]
 
 
 def kl_difference_figure(a: dict[str, Any], b: dict[str, Any]) -> go.Figure:

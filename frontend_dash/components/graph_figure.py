@@ -23,6 +23,8 @@ import plotly.graph_objects as go
 
 POSITIVE, NEGATIVE = "#1f77b4", "#d62728"
 TOKEN_COLOR, ERROR_COLOR, LOGIT_COLOR = "#7f7f7f", "#c7c7c7", "#2ca02c"
+TARGET_KINDS = ("metric", "logit")          # what a graph explains (drawn on top)
+HIDDEN_KINDS = ("error", "pruned", "bias")  # shown with the "error nodes" toggle
 OPACITY_BINS = (0.15, 0.3, 0.55, 0.9)   # opacity of edges by |weight| / max |weight| quartile
 MIN_SIZE, MAX_SIZE = 7.0, 26.0
 SPREAD = 0.8                            # width of a column shared by features at one (layer, pos)
@@ -48,13 +50,17 @@ def _size(value: float | None, top: float) -> float:
 
 
 def n_layers_of(graph: dict[str, Any]) -> int:
-    """Layers of the model: the logit node sits at layer n_layers + 1 (0 when there is none)."""
-    return max((n["layer"] - 1 for n in graph["nodes"] if n["kind"] == "logit"), default=0)
+    """Layers of the model: stored, else read off the target (at layer n_layers + 1; 0 when none)."""
+    if graph.get("n_layers") is not None:
+        return int(graph["n_layers"])
+    return max((n["layer"] - 1 for n in graph["nodes"] if n["kind"] in TARGET_KINDS), default=0)
 
 
 def layout_prompt_nodes(graph: dict[str, Any], show_errors: bool = False) -> list[dict[str, Any]]:
-    """The displayed nodes of a prompt graph with their plot coordinates `x`, `y` added."""
-    nodes = [n for n in graph["nodes"] if show_errors or n["kind"] != "error"]
+    """The displayed nodes of a prompt graph with their plot coordinates `x`, `y` added.
+
+    The pruned and bias nodes (no position) sit left of the first token, on the token row."""
+    nodes = [n for n in graph["nodes"] if show_errors or n["kind"] not in HIDDEN_KINDS]
     cells: dict[tuple[int, int], list[dict[str, Any]]] = defaultdict(list)
     for n in nodes:
         cells[(n["layer"], n["position"])].append(n)
@@ -125,6 +131,8 @@ def _node_hover(n: dict[str, Any], explanations: dict[str, str]) -> str:
             lines.append(f"activation {n['activation']:.4g}")
         if "n_prompts" in n:
             lines.append(f"kept on {n['n_prompts']} prompt(s)")
+        if n.get("label"):  # an imported graph's own label (Neuronpedia's clerp)
+            lines.append(f"label: {_escape(n['label'])}")
         text = explanations.get(feature_key(n["layer"], n["feature"]))
         lines.append(f"explanation: {_escape(text)}" if text else "no explanation yet")
         return "<br>".join(lines)
@@ -132,18 +140,26 @@ def _node_hover(n: dict[str, Any], explanations: dict[str, str]) -> str:
         return f"token {_escape(repr(n.get('token', '')), 40)} at {n['position']}"
     if kind == "error":
         return f"error term L{n['layer']} at {n['position']}"
+    if kind in ("pruned", "bias"):
+        return f"<b>{kind}</b>: {_escape(n.get('label', ''))}"
     prob = n.get("token_prob")
-    label = _escape(repr(n.get("token", n.get("feature"))), 40)
-    return f"<b>answer logit</b> {label}" + (f" (p={prob:.3f})" if prob is not None else "")
+    value = n.get("value")
+    if n.get("label"):
+        title = f"<b>{_escape(n['label'], 80)}</b>"
+    else:
+        title = f"<b>answer logit</b> {_escape(repr(n.get('token', n.get('feature'))), 40)}"
+    return (title + (f"<br>value {value:.4g}" if value is not None else "")
+            + (f"<br>p(answer) {prob:.3f}" if prob is not None else ""))
 
 
 def node_traces(nodes: list[dict[str, Any]], explanations: dict[str, str]) -> list[dict[str, Any]]:
     """Markers by kind; each point's customdata is [node_id, kind, layer, feature]."""
     top = max((abs(n.get("score") or 0.0) for n in nodes if n["kind"] == "feature"), default=0.0)
     top_prompts = max((n.get("n_prompts", 0) for n in nodes if n["kind"] == "feature"), default=0)
-    styles = {"token": ("square", TOKEN_COLOR), "error": ("x", ERROR_COLOR), "logit": ("diamond", LOGIT_COLOR)}
+    styles = {"token": ("square", TOKEN_COLOR), "error": ("x", ERROR_COLOR), "pruned": ("x-open", ERROR_COLOR),
+              "bias": ("cross", ERROR_COLOR), "logit": ("diamond", LOGIT_COLOR), "metric": ("diamond", LOGIT_COLOR)}
     traces = []
-    for kind in ("token", "error", "feature", "logit"):
+    for kind in ("token", "error", "pruned", "bias", "feature", "metric", "logit"):
         members = [n for n in nodes if n["kind"] == kind]
         if not members:
             continue
@@ -157,7 +173,7 @@ def node_traces(nodes: list[dict[str, Any]], explanations: dict[str, str]) -> li
             symbol = "circle"
         else:
             symbol, color = styles[kind]
-            sizes = [MAX_SIZE * 0.7 if kind == "logit" else MIN_SIZE + 3] * len(members)
+            sizes = [MAX_SIZE * 0.7 if kind in TARGET_KINDS else MIN_SIZE + 3] * len(members)
             colors = [color] * len(members)
         traces.append(dict(
             type="scatter", x=[n["x"] for n in members], y=[n["y"] for n in members], mode="markers", name=kind,
@@ -171,7 +187,7 @@ def node_traces(nodes: list[dict[str, Any]], explanations: dict[str, str]) -> li
 def _layer_axis(n_layers: int, with_tokens: bool) -> dict[str, Any]:
     """Rows: tokens 0, layer l at l + 1, the logit (node layer n_layers + 1) at n_layers + 2."""
     rows = ([0] if with_tokens else []) + [l + 1 for l in range(n_layers)] + [n_layers + 2]
-    labels = (["tokens"] if with_tokens else []) + [f"L{l}" for l in range(n_layers)] + ["logit"]
+    labels = (["tokens"] if with_tokens else []) + [f"L{l}" for l in range(n_layers)] + ["target"]
     return {"tickvals": rows, "ticktext": labels, "range": [rows[0] - 0.6, rows[-1] + 0.6],
             "zeroline": False, "showgrid": True}
 
@@ -187,7 +203,8 @@ def graph_figure(graph: dict[str, Any], *, explanations: dict[str, str] | None =
         title=title or None, height=max(420, 90 * (n_layers_of(graph) + 2)), margin={"l": 60, "r": 20, "t": 40, "b": 100},
         plot_bgcolor="white", hovermode="closest", clickmode="event", dragmode="pan", legend={"orientation": "h"},
         xaxis={"tickvals": list(range(len(tokens))), "ticktext": [_escape(t, 20) for t in tokens],
-               "tickangle": -45, "range": [-0.7, max(len(tokens), 1) - 0.3], "zeroline": False, "showgrid": False},
+               "tickangle": -45, "range": [-1.7 if show_errors else -0.7, max(len(tokens), 1) - 0.3],
+               "zeroline": False, "showgrid": False},
         yaxis=_layer_axis(n_layers_of(graph), with_tokens=True))
     return fig
 
@@ -197,7 +214,7 @@ def aggregate_figure(aggregate: dict[str, Any], *, explanations: dict[str, str] 
     """Features across all prompts (node size: how many prompts kept the feature)."""
     nodes = layout_aggregate_nodes(aggregate)
     coords = {n["node_id"]: (n["x"], n["y"]) for n in nodes}
-    n_layers = max((n["layer"] - 1 for n in nodes if n["kind"] == "logit"), default=0)
+    n_layers = max((n["layer"] - 1 for n in nodes if n["kind"] in TARGET_KINDS), default=0)
     fig = go.Figure(edge_traces(aggregate["links"], coords, threshold) + node_traces(nodes, explanations or {}))
     fig.update_layout(
         title=title or None, height=max(420, 90 * (n_layers + 2)), margin={"l": 60, "r": 20, "t": 40, "b": 40},
@@ -217,19 +234,28 @@ def clicked_feature(click_data: dict[str, Any] | None) -> tuple[int, int] | None
     return int(custom[2]), int(custom[3])
 
 
+def graph_key_label(key: str) -> str:
+    """A stored graph's key for people: "all" -> "all prompts", "3" -> "prompt 3", "...@logit" -> "... (logit)"."""
+    base, _, target = key.partition("@")
+    text = "all prompts" if base == "all" else f"prompt {base}"
+    return f"{text} ({target})" if target else text
+
+
 def stored_graphs(circuit: dict[str, Any]) -> tuple[dict[int, tuple[str, dict[str, Any]]], dict[str, Any] | None]:
     """The circuit's computed graphs: prompt index -> (graph key, prompt graph), and the aggregate.
 
     A prompt may appear under "all" and under its own key; its own key wins (computed later for
-    just that prompt). The aggregate is the one of "all" when computed, else of any stored key.
+    just that prompt). Graphs of the metric win over graphs of the answer logit (keys "...@logit"),
+    which are drawn only where no metric graph is stored. The aggregate is the one of "all" when
+    computed, else of any stored key.
     """
     stored = circuit.get("graphs") or {}
     per_prompt: dict[int, tuple[str, dict[str, Any]]] = {}
-    for key in sorted(stored, key=lambda k: (k != "all", k)):
+    for key in sorted(stored, key=lambda k: ("@" not in k, k.split("@")[0] != "all", k)):
         for g in stored[key].get("graphs", []):
             per_prompt[int(g["prompt"])] = (key, g)
     aggregate = None
-    for key in sorted(stored, key=lambda k: (k != "all", k)):
+    for key in sorted(stored, key=lambda k: ("@" in k, k.split("@")[0] != "all", k)):
         if stored[key].get("aggregate"):
             aggregate = stored[key]["aggregate"]
             break

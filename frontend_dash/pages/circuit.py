@@ -53,6 +53,11 @@ def _default_view(circuit: dict[str, Any], requested: str | None) -> str:
 def summary(circuit: dict[str, Any]) -> html.Div:
     """The circuit's identity and metrics as a line of text."""
     low, high = circuit["kl_ci95"]
+    if circuit["method"] == "imported":
+        return html.Div([html.P(f"{circuit['model']} · {circuit['transcoder']} · an attribution graph imported from "
+                                f"a file ({circuit['k']} feature nodes)"),
+                         html.P("nothing was measured on it (no KL, prediction change or faithfulness)",
+                                className="pie-meta")])
     return html.Div([
         html.P(f"{circuit['model']} · {circuit['transcoder']} · task {circuit['task']} · {circuit['method']} "
                f"K={circuit['k']} ({circuit['budget']}) · N={circuit['n_prompts']}"),
@@ -87,7 +92,7 @@ def layout(id: str | None = None, prompt: str | None = None, **_query: str) -> h
                       dcc.Slider(id="circuit-threshold", min=0, max=1, step=0.05, value=DEFAULT_THRESHOLD,
                                  marks={0: "0", 0.25: "0.25", 0.5: "0.5", 0.75: "0.75", 1: "1"})],
                      style={"flex": "2 1 320px"}),
-            html.Div([dcc.Checklist(id="circuit-errors", options=[{"label": " error nodes", "value": "show"}],
+            html.Div([dcc.Checklist(id="circuit-errors", options=[{"label": " error, pruned, bias", "value": "show"}],
                                     value=[])], style={"flex": "0 0 140px", "paddingTop": "1.6em"}),
         ], className="pie-filters"),
         html.Div([

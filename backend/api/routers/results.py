@@ -86,24 +86,12 @@ def get_sweep(sweep_id: int, session: Session = Depends(get_session)) -> SweepDe
 
 
 @router.get("/circuits/{circuit_id}/graphs/{key}/neuronpedia")
-def export_graph(circuit_id: int, key: str, prompt: int | None = Query(None, ge=0),
+def export_graph(circuit_id: int, key: str, prompt: int | None = Query(None, ge=0, le=2**31),
                  session: Session = Depends(get_session)) -> dict:
-    """One prompt's attribution graph as circuit-tracer / Neuronpedia graph JSON."""
-    from backend.circuits.graph import to_neuronpedia
-    from backend.errors import NotFoundError
-    row = queries.get_circuit(session, circuit_id)
-    stored = (row.graphs or {}).get(key)
-    if stored is None:
-        raise NotFoundError(f"circuit {circuit_id} has no graph '{key}'; computed: {', '.join(row.graph_keys) or 'none'}")
-    graphs = {g["prompt"]: g for g in stored["graphs"]}
-    index = prompt if prompt is not None else next(iter(graphs))
-    if index not in graphs:
-        raise NotFoundError(f"graph '{key}' of circuit {circuit_id} has no prompt {index}; it has {sorted(graphs)}")
-    text = next((p["clean"] for p in row.prompts if p["index"] == index), "")
-    return to_neuronpedia(graphs[index], slug=f"piescope-circuit-{circuit_id}-prompt-{index}",
-                          scan=row.transcoder.name, prompt=text, n_layers=_n_layers(graphs[index]))
+    """One prompt's attribution graph as circuit-tracer / Neuronpedia graph JSON.
 
-
-def _n_layers(graph: dict) -> int:
-    """Layers of the model, read off the logit node (which sits at layer n_layers + 1)."""
-    return next(n["layer"] for n in graph["nodes"] if n["kind"] == "logit") - 1
+    key: "all" or a prompt index, with "@logit" for graphs of the answer logit (see graph_keys).
+    404 with the computed keys when the circuit has no such graph.
+    """
+    from backend.store.graph_files import export_graph as neuronpedia_json
+    return neuronpedia_json(session, circuit_id, key, prompt)
