@@ -41,7 +41,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=cmd_edge_sweep)
 
 
-def _inputs(args: argparse.Namespace, settings: Settings):
+def _inputs(args: argparse.Namespace, settings: Settings, check=None):
     from backend.models.loading import load_model
     from backend.tasks import get_task
     if args.n <= 0:
@@ -51,7 +51,11 @@ def _inputs(args: argparse.Namespace, settings: Settings):
         options["corruption"] = args.task_corruption
     task = get_task(args.task, **options)
     adapter = load_model(args.model, settings, report=say)
+    if check is not None:
+        check(adapter)
     batch = task.build(adapter.tokenizer, args.n, seed=args.seed)
+    if len(batch) == 0:
+        raise UserError(f"no {args.task} prompt pair fits the tokenizer of {args.model}")
     say(f"{len(batch)} {args.task} prompt pairs")
     return adapter, batch
 
@@ -79,7 +83,9 @@ def cmd_edges(args: argparse.Namespace, settings: Settings) -> None:
         raise UserError(f"--sparsity must be in [0, 1), not {args.sparsity}")
     if args.edges is not None and args.edges < 1:
         raise UserError(f"--edges must be a positive count, not {args.edges}")
-    adapter, batch = _inputs(args, settings)
+    from backend.edges.registry import target_count
+    adapter, batch = _inputs(args, settings, check=lambda a: target_count(
+        EdgeGraph.for_adapter(a).n_edges, args.edges, args.sparsity))
     config = EdgeConfig(args.method, args.edges, args.sparsity, options, args.seed, args.batch_size)
     bar, update = progress_bar(f"edges {args.method}")
     with bar:
@@ -118,7 +124,13 @@ def cmd_edge_sweep(args: argparse.Namespace, settings: Settings) -> None:
         if not isinstance(opts, dict):
             raise UserError(f"--options for '{name}' must be a JSON object")
         get_edge_method(name).options(opts)
-    adapter, batch = _inputs(args, settings)
+    from backend.edges.graph import EdgeGraph
+    from backend.edges.registry import target_count
+
+    def check(adapter) -> None:
+        for c in counts or []:
+            target_count(EdgeGraph.for_adapter(adapter).n_edges, edges=c)
+    adapter, batch = _inputs(args, settings, check=check)
     config = EdgeSweepConfig(methods, counts, options, args.seed, args.batch_size)
     bar, update = progress_bar("edge-sweep")
     with bar:

@@ -109,7 +109,7 @@ def edge_pruning(ctx: EdgeContext, n_keep: int, opts: PruningOptions,
         kls.append(float(loss_kl.detach()))
         sampled = 1.0 - float((z > 0).float().sum()) / E
         history.append({"step": step, "kl": kls[-1], "sparsity": float(s.detach()), "sampled_sparsity": sampled,
-                        "target": t, "lambda1": float(lambdas[0]), "lambda2": float(lambdas[1])})
+                        "target": t, "lambda1": float(lambdas[0].detach()), "lambda2": float(lambdas[1].detach())})
         ctx.report(step / opts.max_steps, f"edge pruning step {step}: KL {kls[-1]:.3f}, sparsity {float(s):.3f}")
         if t >= target and abs(float(s) - target) <= opts.sparsity_tol and len(kls) >= 2 * opts.window:
             recent = sum(kls[-opts.window:]) / opts.window
