@@ -251,3 +251,27 @@ def test_bad_input_is_one_clear_error():
     with pytest.raises(UserError, match="rho"):
         EDGE_METHODS["hap"].run(ctx, E // 2, {"rho": 0.1})
     assert target_count(E, sparsity=0.5) == round(E / 2)
+
+
+def test_qwen_keep_all_and_remove_all():
+    """Qwen-2 (biases on q/k/v, grouped-query attention) patches exactly too."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from backend.edges.context import EdgeContext
+    from backend.models.adapters import ModelAdapter
+    from backend.tasks import get_task
+    from tests.tokenizers import tiny_tokenizer
+    tok = tiny_tokenizer()
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    model = Qwen2ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "bias" in name:
+                p.normal_(0, 0.1)
+    ctx = EdgeContext.create(ModelAdapter(model, tok), get_task("ioi").build(tok, 3, seed=0))
+    part, E = ctx.parts[0], ctx.graph.n_edges
+    assert float(kl_divergence(part.clean_logits, circuit_logits(ctx, torch.ones(E))[0]).max()) < 1e-6
+    torch.testing.assert_close(circuit_logits(ctx, torch.zeros(E))[0], part.corrupted_logits, rtol=1e-4, atol=1e-4)

@@ -50,6 +50,7 @@ class EdgePatch(Intervention):
         self._pending_heads: Tensor | None = None
         self._attn_mix: Tensor | None = None
         self.reader_inputs: dict[int, Tensor] = {}
+        self._blocks: list[Tensor] = []   # each block's inputs [R, B, T, d], in reader order
         if self.patching:
             # Prefix sums of the corrupted states: the base every reader starts from.
             self._base = corrupted.cumsum(0)
@@ -94,8 +95,7 @@ class EdgePatch(Intervention):
             mix.retain_grad()
         for i in range(block.n_readers):
             self.reader_inputs[block.start + i] = mix[i]
-        if self.retain_grad:
-            self.reader_inputs[("block", block.start)] = mix  # type: ignore[index]
+        self._blocks.append(mix)
 
     # -- hooks -----------------------------------------------------------------------------------
     def attach(self, adapter: ModelAdapter) -> list[RemovableHandle]:
@@ -185,8 +185,7 @@ class EdgePatch(Intervention):
 
     def reader_grads(self) -> Tensor:
         """[R, B, T, d] gradients at every reader's input after backward (zeros where none)."""
-        blocks = [v for k, v in self.reader_inputs.items() if isinstance(k, tuple)]
-        return torch.cat([b.grad if b.grad is not None else torch.zeros_like(b) for b in blocks])
+        return torch.cat([b.grad if b.grad is not None else torch.zeros_like(b) for b in self._blocks])
 
 
 def writer_states(adapter: ModelAdapter, graph: EdgeGraph, ids: Tensor, mask: Tensor) -> Tensor:
