@@ -98,6 +98,7 @@ def edge_pruning(ctx: EdgeContext, n_keep: int, opts: PruningOptions,
         full = torch.zeros(E, device=device).index_put((free_dev,), z)
         loss_kl = _kl_step(ctx, full, rows, step, opts.batch_size, g)
         s = 1.0 - prob_nonzero(log_alpha).sum() / E
+        s_now = float(s.detach())
         gap = s - t
         loss = loss_kl + lambdas[0] * gap + lambdas[1] * gap * gap
         opt.zero_grad()
@@ -108,10 +109,10 @@ def edge_pruning(ctx: EdgeContext, n_keep: int, opts: PruningOptions,
         ctx.cost.steps += 1
         kls.append(float(loss_kl.detach()))
         sampled = 1.0 - float((z > 0).float().sum()) / E
-        history.append({"step": step, "kl": kls[-1], "sparsity": float(s.detach()), "sampled_sparsity": sampled,
+        history.append({"step": step, "kl": kls[-1], "sparsity": s_now, "sampled_sparsity": sampled,
                         "target": t, "lambda1": float(lambdas[0].detach()), "lambda2": float(lambdas[1].detach())})
-        ctx.report(step / opts.max_steps, f"edge pruning step {step}: KL {kls[-1]:.3f}, sparsity {float(s):.3f}")
-        if t >= target and abs(float(s) - target) <= opts.sparsity_tol and len(kls) >= 2 * opts.window:
+        ctx.report(step / opts.max_steps, f"edge pruning step {step}: KL {kls[-1]:.3f}, sparsity {s_now:.3f}")
+        if t >= target and abs(s_now - target) <= opts.sparsity_tol and len(kls) >= 2 * opts.window:
             recent = sum(kls[-opts.window:]) / opts.window
             before = sum(kls[-2 * opts.window:-opts.window]) / opts.window
             if before - recent <= opts.epsilon:
