@@ -472,3 +472,106 @@ def run_score(context: JobContext, params: ScoreParams, store, progress: Progres
             "score_tokens": report.tokens, "scored_features": report.scored,
             "score_calls_if_all_active": None if active is None else round(active * per_feature)}
     return JobOutput({"report": asdict(report), "cost": cost}, [])
+
+
+# ------------------------------------------------------------------------------ edge circuits (issue 12)
+
+class EdgeDatasetParams(BaseModel):
+    """Which prompts for an edge job: model, task, options, n, seed (no transcoder)."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: str = Field(pattern=NAME_PATTERN, description="model name (GET /api/models); never a path")
+    task: str = Field(pattern=NAME_PATTERN, description="task name (GET /api/tasks)")
+    task_options: dict[str, OptionValue] = Field(default_factory=dict)
+    n: int = Field(32, ge=1, le=MAX_N, description="number of prompt pairs")
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    batch_size: int = Field(16, ge=1, le=MAX_BATCH_SIZE)
+
+    @field_validator("task_options")
+    @classmethod
+    def _check_task_options(cls, options: dict[str, Any]) -> dict[str, Any]:
+        return _no_path_options(options)
+
+    def dataset_key(self) -> dict[str, Any]:
+        return {"model": self.model, "task": self.task, "task_options": self.task_options,
+                "n": self.n, "seed": self.seed}
+
+
+class EdgeParams(EdgeDatasetParams):
+    """One edge circuit: `method` (GET /api/edge-methods) to an edge count or a sparsity."""
+
+    method: str = Field(pattern=NAME_PATTERN)
+    edges: int | None = Field(None, ge=1, le=10_000_000)
+    sparsity: float | None = Field(None, ge=0.0, lt=1.0)
+    options: dict[str, OptionValue] = Field(default_factory=dict)
+
+
+class EdgeSweepParams(EdgeDatasetParams):
+    """Edge methods over edge counts (default: 8 log-spaced counts up to the whole graph)."""
+
+    methods: list[str] = Field(min_length=1, max_length=MAX_METHODS)
+    edge_counts: list[int] | None = Field(None, min_length=1, max_length=MAX_KS)
+    options: dict[str, dict[str, OptionValue]] = Field(default_factory=dict, description="per method")
+
+    @field_validator("edge_counts")
+    @classmethod
+    def _sorted_counts(cls, counts: list[int] | None) -> list[int] | None:
+        if counts is None:
+            return None
+        if any(c < 1 for c in counts):
+            raise ValueError("every edge count must be >= 1")
+        return sorted(set(counts))
+
+
+def normalise_edges(params: BaseModel) -> BaseModel:
+    """Fill in the edge methods' default options so that equal requests hash equal."""
+    from backend.edges.registry import get_edge_method
+    if isinstance(params, EdgeParams):
+        if (params.edges is None) == (params.sparsity is None):
+            raise InvalidParameterError("give exactly one of edges or sparsity")
+        return params.model_copy(update={"options": get_edge_method(params.method).options(params.options)})
+    assert isinstance(params, EdgeSweepParams)
+    methods = list(dict.fromkeys(params.methods))
+    extra = set(params.options) - set(methods)
+    if extra:
+        raise InvalidParameterError(f"options given for method(s) not in the sweep: {', '.join(sorted(extra))}")
+    options = {m: get_edge_method(m).options(params.options.get(m)) for m in methods}
+    return params.model_copy(update={"methods": methods, "options": options})
+
+
+def check_edge_names(settings: Settings, params: EdgeDatasetParams) -> None:
+    """The model and the task exist (nothing loaded)."""
+    from backend.models.loading import locate
+    from backend.tasks import get_task
+    locate(params.model, settings, allow_paths=False)
+    get_task(params.task, **params.task_options)
+
+
+def _edge_batch(context: JobContext, params: EdgeDatasetParams, progress: Progress | None):
+    from backend.tasks import get_task
+    (progress or (lambda f, m: None))(0.0, f"loading model {params.model}")
+    adapter = context.adapter(params.model)
+    batch = get_task(params.task, **params.task_options).build(adapter.tokenizer, params.n, params.seed)
+    if len(batch) == 0:
+        raise InvalidParameterError(f"no prompt pair of task '{params.task}' fits the tokenizer of "
+                                    f"'{params.model}' (dropped: {batch.dropped})")
+    return adapter, batch
+
+
+def run_edges(context: JobContext, params: EdgeParams, progress: Progress | None = None) -> JobOutput:
+    from backend.edges.pipeline import EdgeConfig, run_edges as run
+    adapter, batch = _edge_batch(context, params, progress)
+    config = EdgeConfig(params.method, params.edges, params.sparsity, dict(params.options), params.seed,
+                        params.batch_size)
+    result = run(adapter, batch, config, model_name=params.model, task_name=params.task, progress=progress)
+    return JobOutput(result, _pairs_json(batch))
+
+
+def run_edge_sweep(context: JobContext, params: EdgeSweepParams, progress: Progress | None = None) -> JobOutput:
+    from backend.edges.pipeline import EdgeSweepConfig, run_edge_sweep as run
+    adapter, batch = _edge_batch(context, params, progress)
+    config = EdgeSweepConfig(list(params.methods), params.edge_counts, {k: dict(v) for k, v in params.options.items()},
+                             params.seed, params.batch_size)
+    result = run(adapter, batch, config, model_name=params.model, task_name=params.task, progress=progress)
+    return JobOutput(result, _pairs_json(batch))

@@ -167,12 +167,49 @@ def _store_interp(settings, session, params, output) -> dict[str, int]:
     return {"circuit_id": params.circuit_id}
 
 
+def _check_edges(settings: Settings, session: Session, params: Any) -> None:
+    job_functions.check_edge_names(settings, params)
+
+
+def _edge_inputs(session: Session, params: job_functions.EdgeDatasetParams, pairs: list[dict]):
+    from backend.models.registry import MODELS
+    spec = MODELS.get(params.model)
+    model = queries.get_or_create_model(session, params.model, spec.architecture if spec else "")
+    key = hashlib.sha256(json.dumps(params.dataset_key(), sort_keys=True).encode()).hexdigest()
+    dataset = queries.get_or_create_dataset(session, key, model, params.task, dict(params.task_options),
+                                            params.n, params.seed, pairs)
+    return model, dataset
+
+
+def _store_edges(settings, session, params, output) -> dict[str, int]:
+    model, dataset = _edge_inputs(session, params, output.pairs)
+    h = job_functions.params_hash("edges", params)
+    return {"edge_circuit_id": queries.save_edge_circuit(session, output.result, h, model, dataset).id}
+
+
+def _store_edge_sweep(settings, session, params, output) -> dict[str, int]:
+    model, dataset = _edge_inputs(session, params, output.pairs)
+    h = job_functions.params_hash("edge-sweep", params)
+    return {"edge_sweep_id": queries.save_edge_sweep(session, output.result, h, model, dataset).id}
+
+
+EDGE_KINDS: dict[str, JobKind] = {
+    "edges": JobKind(job_functions.EdgeParams, _check_edges,
+                     lambda context, sessions, params, progress: job_functions.run_edges(context, params, progress),
+                     _store_edges, job_functions.normalise_edges),
+    "edge-sweep": JobKind(job_functions.EdgeSweepParams, _check_edges,
+                          lambda context, sessions, params, progress: job_functions.run_edge_sweep(context, params, progress),
+                          _store_edge_sweep, job_functions.normalise_edges),
+}
+
+
 PIE_KINDS: dict[str, JobKind] = {
     "prune": JobKind(job_functions.PruneParams, _check_pie, _run_prune, _store_prune, job_functions.normalise),
     "sweep": JobKind(job_functions.SweepParams, _check_pie, _run_sweep, _store_sweep, job_functions.normalise),
     "graph": JobKind(job_functions.GraphParams, _check_graph, _run_graph, _store_graph),
     "explain": JobKind(job_functions.ExplainParams, _check_interp, _run_explain, _store_interp),
     "score": JobKind(job_functions.ScoreParams, _check_interp, _run_score, _store_interp),
+    **EDGE_KINDS,
 }
 
 

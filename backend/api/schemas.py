@@ -12,7 +12,8 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, computed_field
 
-from backend.jobs import ExplainParams, GraphParams, PruneParams, ScoreParams, SweepParams
+from backend.jobs import (EdgeParams, EdgeSweepParams, ExplainParams, GraphParams, PruneParams, ScoreParams,
+                          SweepParams)
 
 T = TypeVar("T")
 MAX_TEXT = 20_000
@@ -60,8 +61,20 @@ class ScoreJobCreate(BaseModel):
     params: ScoreParams
 
 
-JobCreate = Annotated[PruneJobCreate | SweepJobCreate | GraphJobCreate | ExplainJobCreate | ScoreJobCreate,
-                      Field(discriminator="kind")]
+class EdgesJobCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["edges"]
+    params: EdgeParams
+
+
+class EdgeSweepJobCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["edge-sweep"]
+    params: EdgeSweepParams
+
+
+JobCreate = Annotated[PruneJobCreate | SweepJobCreate | GraphJobCreate | ExplainJobCreate | ScoreJobCreate
+                      | EdgesJobCreate | EdgeSweepJobCreate, Field(discriminator="kind")]
 
 
 class JobOut(BaseModel):
@@ -82,6 +95,8 @@ class JobOut(BaseModel):
     finished_at: datetime | None
     circuit_id: int | None
     sweep_id: int | None
+    edge_circuit_id: int | None = None
+    edge_sweep_id: int | None = None
     reused: bool = Field(False, description="served from the store or an identical job already queued/running")
     links: dict[str, str] = Field(default_factory=dict)
 
@@ -262,3 +277,41 @@ class FeatureDetail(FeatureOut):
 
     examples: list[ExampleOut]
     explanations: list[ExplanationOut]
+
+
+# ------------------------------------------------------------------------------ edge circuits, edge sweeps
+
+class EdgeCircuitSummary(BaseModel):
+    id: int
+    model: str
+    task: str
+    method: str
+    n_prompts: int
+    n_edges: int
+    n_kept: int
+    sparsity: float
+    kl_mean: float
+    kl_ci95: tuple[float, float]
+    recovered: float | None
+    seconds: float
+    created_at: datetime
+
+
+class EdgeCircuitDetail(EdgeCircuitSummary):
+    result: dict[str, Any] = Field(description="backend.edges.pipeline.EdgeCircuit JSON: kept edges, metrics, cost")
+
+
+class EdgeSweepSummary(BaseModel):
+    id: int
+    model: str
+    task: str
+    methods: list[str]
+    counts: list[int]
+    n_prompts: int
+    n_edges: int
+    seconds: float
+    created_at: datetime
+
+
+class EdgeSweepDetail(EdgeSweepSummary):
+    result: dict[str, Any] = Field(description="backend.edges.pipeline.EdgeSweep JSON: rows, curve areas")

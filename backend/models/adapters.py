@@ -16,13 +16,14 @@ registration; no library object is modified.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
@@ -144,6 +145,12 @@ class ArchSpec:
     body: Callable[[PreTrainedModel], nn.Module]
     resid_mid_input: str  # submodule of a layer whose input is resid_mid
     mlp_out_output: str   # submodule of a layer whose output is mlp_out
+    final_norm: Callable[[PreTrainedModel], nn.Module] = lambda m: m.model.norm
+    attn: str = "self_attn"              # the attention submodule of a layer
+    attn_input_norm: str = "input_layernorm"
+    qkv: tuple[str, ...] = ("q_proj", "k_proj", "v_proj")  # one name when fused (GPT-2's c_attn)
+    o_proj: str = "o_proj"
+    attn_post_norm: str | None = None    # Gemma-2/3 normalise the heads' sum before the residual
 
 
 def _hf_layers(m: PreTrainedModel) -> nn.ModuleList:
@@ -152,13 +159,17 @@ def _hf_layers(m: PreTrainedModel) -> nn.ModuleList:
 
 ARCHITECTURES: dict[str, ArchSpec] = {
     "gemma3_text": ArchSpec("gemma3", _hf_layers, lambda m: m.model,
-                            "pre_feedforward_layernorm", "post_feedforward_layernorm"),
+                            "pre_feedforward_layernorm", "post_feedforward_layernorm",
+                            attn_post_norm="post_attention_layernorm"),
     "gemma2": ArchSpec("gemma2", _hf_layers, lambda m: m.model,
-                       "pre_feedforward_layernorm", "post_feedforward_layernorm"),
+                       "pre_feedforward_layernorm", "post_feedforward_layernorm",
+                       attn_post_norm="post_attention_layernorm"),
     "llama": ArchSpec("llama", _hf_layers, lambda m: m.model, "post_attention_layernorm", "mlp"),
     "qwen2": ArchSpec("qwen2", _hf_layers, lambda m: m.model, "post_attention_layernorm", "mlp"),
     "qwen3": ArchSpec("qwen3", _hf_layers, lambda m: m.model, "post_attention_layernorm", "mlp"),
-    "gpt2": ArchSpec("gpt2", lambda m: m.transformer.h, lambda m: m.transformer, "ln_2", "mlp"),
+    "gpt2": ArchSpec("gpt2", lambda m: m.transformer.h, lambda m: m.transformer, "ln_2", "mlp",
+                     final_norm=lambda m: m.transformer.ln_f, attn="attn", attn_input_norm="ln_1",
+                     qkv=("c_attn",), o_proj="c_proj"),
 }
 
 
@@ -209,6 +220,133 @@ class SparsePatch:
 
 
 Patch = Tensor | dict[int, Tensor] | SparsePatch
+
+
+# --------------------------------------------------------------------------------------------
+# Composable interventions: each attaches its own hooks for one forward pass and keeps what it
+# records. ``ModelAdapter.run`` attaches them in order (a later hook on the same module sees the
+# earlier one's output), so PIE's feature patches and the edge patches share one forward path.
+
+
+class Intervention:
+    """One change to a forward pass. ``attach`` registers hooks and returns their handles."""
+
+    def attach(self, adapter: ModelAdapter) -> list[RemovableHandle]:
+        raise NotImplementedError
+
+    def attention_control(self, control: AttentionControl) -> AttentionControl:
+        """The attention control for the pass (default: unchanged)."""
+        return control
+
+
+class Linearise(Intervention):
+    """Freeze attention patterns and normalisation scales for gradients (values unchanged).
+
+    Attach it first: on Gemma the mlp_out module is itself a norm, and patches and gradient
+    leaves must apply to the linearised norm's output, not under it.
+    """
+
+    def attach(self, adapter: ModelAdapter) -> list[RemovableHandle]:
+        return [m.register_forward_hook(_linearised_norm_hook) for m in adapter.model.modules() if is_norm(m)]
+
+    def attention_control(self, control: AttentionControl) -> AttentionControl:
+        return control if control.linearise else AttentionControl(True, control.record, control.override)
+
+
+class AddPatch(Intervention):
+    """Add to mlp_out: a tensor [L, B, T, d], {layer: [B, T, d]} or a SparsePatch."""
+
+    def __init__(self, patch: Patch) -> None:
+        self.patch = patch
+
+    def _hook(self, layer: int):
+        def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+            if isinstance(self.patch, SparsePatch):
+                return self.patch.apply(layer, output)
+            if isinstance(self.patch, Tensor) or layer in self.patch:
+                return output + self.patch[layer].to(output.dtype)
+            return output
+        return hook
+
+    def attach(self, adapter: ModelAdapter) -> list[RemovableHandle]:
+        return [adapter.mlp_out_module(l).register_forward_hook(self._hook(l)) for l in range(adapter.n_layers)]
+
+
+class GradLeaves(Intervention):
+    """Gradient leaves at mlp_out: ``leaves[l].grad`` is dM/d mlp_out_l after backward.
+
+    replacement: mlp_out becomes a leaf detached from its inputs (downstream MLPs do not see
+    upstream writes); full: a zero leaf is added, so gradients also flow through later MLPs.
+    """
+
+    def __init__(self, mode: GradMode) -> None:
+        self.mode = mode
+        self.leaves: dict[int, Tensor] = {}
+
+    def _hook(self, layer: int):
+        def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+            if self.mode == "replacement":
+                output = output.detach().requires_grad_(True)
+                self.leaves[layer] = output
+                return output
+            leaf = torch.zeros_like(output, requires_grad=True)
+            self.leaves[layer] = leaf
+            return output + leaf
+        return hook
+
+    def attach(self, adapter: ModelAdapter) -> list[RemovableHandle]:
+        return [adapter.mlp_out_module(l).register_forward_hook(self._hook(l)) for l in range(adapter.n_layers)]
+
+
+class Capture(Intervention):
+    """Record resid_mid[l] and mlp_out[l] ([B, T, d] each) as the forward passes them."""
+
+    def __init__(self) -> None:
+        self.resid_mid: dict[int, Tensor] = {}
+        self.mlp_out: dict[int, Tensor] = {}
+
+    def attach(self, adapter: ModelAdapter) -> list[RemovableHandle]:
+        handles = []
+        for layer in range(adapter.n_layers):
+            def mid(module, args, layer=layer):
+                self.resid_mid[layer] = args[0]
+
+            def out(module, args, output, layer=layer):
+                self.mlp_out[layer] = output
+            handles.append(adapter.resid_mid_module(layer).register_forward_pre_hook(mid))
+            handles.append(adapter.mlp_out_module(layer).register_forward_hook(out))
+        return handles
+
+
+class PatternControl(Intervention):
+    """Use a given AttentionControl (override or record patterns) on this pass."""
+
+    def __init__(self, control: AttentionControl) -> None:
+        self.control = control
+
+    def attach(self, adapter: ModelAdapter) -> list[RemovableHandle]:
+        return []
+
+    def attention_control(self, control: AttentionControl) -> AttentionControl:
+        return self.control
+
+
+@dataclass(frozen=True)
+class HeadWeights:
+    """One layer's attention projections per head, in one layout for every architecture.
+
+    wq [H, dh, d], wk / wv [G, dh, d] (G kv heads), biases [H, dh] / [G, dh] or None;
+    wo [H, d, dh] (head h's slice of the output projection) and its bias bo [d] or None.
+    """
+
+    wq: Tensor
+    bq: Tensor | None
+    wk: Tensor
+    bk: Tensor | None
+    wv: Tensor
+    bv: Tensor | None
+    wo: Tensor
+    bo: Tensor | None
 
 
 class ModelAdapter:
@@ -268,12 +406,64 @@ class ModelAdapter:
         """W_U [V, d]: the unembedding matrix (for logit-lens readings)."""
         return self.model.get_output_embeddings().weight
 
+    # -- the attention block (edge readers and writers) ------------------------------------
+    @property
+    def n_heads(self) -> int:
+        return int(self.model.config.num_attention_heads)
+
+    @property
+    def n_kv_heads(self) -> int:
+        return int(getattr(self.model.config, "num_key_value_heads", None) or self.n_heads)
+
+    @property
+    def head_dim(self) -> int:
+        return int(getattr(self.model.config, "head_dim", None) or self.d_model // self.n_heads)
+
+    def attn_module(self, layer: int) -> nn.Module:
+        return getattr(self.layers[layer], self.spec.attn)
+
+    def attn_input_norm(self, layer: int) -> nn.Module:
+        return getattr(self.layers[layer], self.spec.attn_input_norm)
+
+    def attn_post_norm(self, layer: int) -> nn.Module | None:
+        name = self.spec.attn_post_norm
+        return getattr(self.layers[layer], name) if name else None
+
+    def qkv_modules(self, layer: int) -> list[nn.Module]:
+        return [getattr(self.attn_module(layer), n) for n in self.spec.qkv]
+
+    def o_proj_module(self, layer: int) -> nn.Module:
+        return getattr(self.attn_module(layer), self.spec.o_proj)
+
+    def final_norm(self) -> nn.Module:
+        return self.spec.final_norm(self.model)
+
+    def head_weights(self, layer: int) -> HeadWeights:
+        """Per-head q/k/v/o weights of layer ``layer`` (see HeadWeights for the layout)."""
+        H, G, dh, d = self.n_heads, self.n_kv_heads, self.head_dim, self.d_model
+        mods = self.qkv_modules(layer)
+        o = self.o_proj_module(layer)
+        if len(mods) == 1:  # GPT-2's Conv1D: y = x @ W + b, W [d, 3d] with q | k | v columns
+            w, b = mods[0].weight, mods[0].bias
+            wq, wk, wv = (w[:, i * d:(i + 1) * d].T.reshape(H, dh, d) for i in range(3))
+            bq, bk, bv = (b[i * d:(i + 1) * d].reshape(H, dh) for i in range(3))
+            wo = o.weight.reshape(H, dh, d).permute(0, 2, 1)   # Conv1D W [H*dh, d]
+            return HeadWeights(wq, bq, wk, bk, wv, bv, wo, o.bias)
+
+        def split(lin: nn.Module, n: int) -> tuple[Tensor, Tensor | None]:
+            bias = lin.bias.reshape(n, dh) if lin.bias is not None else None
+            return lin.weight.reshape(n, dh, d), bias
+        (wq, bq), (wk, bk), (wv, bv) = split(mods[0], H), split(mods[1], G), split(mods[2], G)
+        wo = o.weight.reshape(d, H, dh).permute(1, 0, 2)       # Linear W [d, H*dh]
+        return HeadWeights(wq, bq, wk, bk, wv, bv, wo, o.bias)
+
     # -- the forward pass ----------------------------------------------------------------------
     def run(self, input_ids: Tensor, attention_mask: Tensor | None = None, *,
             last_pos: Tensor | None = None, patch: Patch | None = None,
             capture: bool = False, linearise: bool = False, grad: GradMode | None = None,
             logits_at: Literal["last", "all", "none"] = "last",
-            attention: AttentionControl | None = None, cache: object | None = None) -> RunOutput:
+            attention: AttentionControl | None = None, cache: object | None = None,
+            interventions: Sequence[Intervention] = ()) -> RunOutput:
         """One forward pass.
 
         input_ids, attention_mask: [B, T], right-padded. last_pos: [B] index of each row's last
@@ -287,61 +477,24 @@ class ModelAdapter:
         cache: a transformers ``DynamicCache`` for greedy generation: the keys and values of this
         pass are appended to it, and input_ids are the tokens that follow those it already holds
         (patches then cover only these new positions). Unpadded inputs only.
+        The flags are shorthands for interventions (Linearise, AddPatch, GradLeaves, Capture),
+        attached in that order before ``interventions`` (e.g. an edge patch).
         """
         if last_pos is None:
             last_pos = (attention_mask.sum(-1) - 1 if attention_mask is not None
                         else torch.full((input_ids.shape[0],), input_ids.shape[1] - 1))
-        resid: dict[int, Tensor] = {}
-        outs: dict[int, Tensor] = {}
-        leaves: dict[int, Tensor] = {}
-        handles = []
-
-        def mid_hook(layer: int):
-            def hook(module: nn.Module, args: tuple) -> None:
-                resid[layer] = args[0]
-            return hook
-
-        def out_hook(layer: int):
-            def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
-                if isinstance(patch, SparsePatch):
-                    output = patch.apply(layer, output)
-                elif patch is not None and (isinstance(patch, Tensor) or layer in patch):
-                    output = output + patch[layer].to(output.dtype)
-                if grad == "replacement":
-                    output = output.detach().requires_grad_(True)
-                    leaves[layer] = output
-                elif grad == "full":
-                    leaf = torch.zeros_like(output, requires_grad=True)
-                    leaves[layer] = leaf
-                    output = output + leaf
-                outs[layer] = output
-                return output
-            return hook
-
-        try:
-            # Norm hooks first: on Gemma the mlp_out module is itself a norm, and the patch and
-            # gradient leaf must be applied to the linearised norm's output, not under it.
-            if linearise:
-                handles += [m.register_forward_hook(_linearised_norm_hook)
-                            for m in self.model.modules() if is_norm(m)]
-            for layer in range(self.n_layers):
-                if capture:
-                    handles.append(self.resid_mid_module(layer).register_forward_pre_hook(mid_hook(layer)))
-                if capture or patch is not None or grad is not None:
-                    handles.append(self.mlp_out_module(layer).register_forward_hook(out_hook(layer)))
-            control = attention or _ATTENTION.get()
-            if linearise and not control.linearise:
-                control = AttentionControl(True, control.record, control.override)
-            token = _ATTENTION.set(control)
-            try:
-                extra = {} if cache is None else {"cache": cache}
-                hidden = self.body(input_ids=input_ids, attention_mask=attention_mask,
-                                   use_cache=cache is not None, **extra).last_hidden_state
-            finally:
-                _ATTENTION.reset(token)
-        finally:
-            for h in handles:
-                h.remove()
+        chain: list[Intervention] = []
+        if attention is not None:
+            chain.append(PatternControl(attention))
+        if linearise:
+            chain.append(Linearise())
+        if patch is not None:
+            chain.append(AddPatch(patch))
+        leaves = GradLeaves(grad) if grad is not None else None
+        captured = Capture() if capture else None
+        chain += [i for i in (leaves, captured) if i is not None]
+        chain += list(interventions)
+        hidden = self.forward_with(chain, input_ids, attention_mask, cache=cache)
 
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         if logits_at == "none":  # final-normed hidden states; unembed later, in chunks
@@ -350,12 +503,34 @@ class ModelAdapter:
             result = RunOutput(logits=self.unembed(hidden[rows, last_pos.to(hidden.device)]))
         else:
             result = RunOutput(logits=self.unembed(hidden))
-        if capture:
-            result.resid_mid = torch.stack([resid[l] for l in range(self.n_layers)])
-            result.mlp_out = torch.stack([outs[l] for l in range(self.n_layers)])
-        if grad is not None:
-            result.mlp_out_leaves = [leaves[l] for l in range(self.n_layers)]
+        if captured is not None:
+            result.resid_mid = torch.stack([captured.resid_mid[l] for l in range(self.n_layers)])
+            result.mlp_out = torch.stack([captured.mlp_out[l] for l in range(self.n_layers)])
+        if leaves is not None:
+            result.mlp_out_leaves = [leaves.leaves[l] for l in range(self.n_layers)]
         return result
+
+    def forward_with(self, interventions: Sequence[Intervention], input_ids: Tensor,
+                     attention_mask: Tensor | None, cache: object | None = None) -> Tensor:
+        """The body's final-normed hidden states [B, T, d] with ``interventions`` attached.
+
+        cache: an optional transformers ``DynamicCache`` (see ``run``)."""
+        handles: list[RemovableHandle] = []
+        control = _ATTENTION.get()
+        try:
+            for intervention in interventions:
+                handles += intervention.attach(self)
+                control = intervention.attention_control(control)
+            token = _ATTENTION.set(control)
+            try:
+                extra = {} if cache is None else {"cache": cache}
+                return self.body(input_ids=input_ids, attention_mask=attention_mask,
+                                 use_cache=cache is not None, **extra).last_hidden_state
+            finally:
+                _ATTENTION.reset(token)
+        finally:
+            for h in handles:
+                h.remove()
 
     def mlp_out_gradients(self, input_ids: Tensor, attention_mask: Tensor | None,
                           metric: Callable[[Tensor], Tensor], *, last_pos: Tensor | None = None,

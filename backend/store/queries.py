@@ -16,7 +16,8 @@ from sqlalchemy.orm import Session, defer, selectinload
 from backend.circuits.results import Circuit as CircuitResult
 from backend.circuits.results import SweepResult, SweepRow
 from backend.errors import InvalidParameterError, NotFoundError
-from backend.store.tables import (EXPLANATION_SOURCES, Annotation, Circuit, Dataset, Example, Explanation,
+from backend.store.tables import (EXPLANATION_SOURCES, Annotation, Circuit, Dataset, EdgeCircuit, EdgeSweep,
+                                  Example, Explanation,
                                   ExplanationRevision, ExplanationScore, Feature, Job, Model, Sweep,
                                   SweepPoint, Transcoder, utcnow)
 
@@ -134,7 +135,8 @@ def set_job_progress(session: Session, job_id: int, fraction: float, message: st
 
 
 def finish_job(session: Session, job_id: int, status: str, *, message: str = "", error: str | None = None,
-               circuit_id: int | None = None, sweep_id: int | None = None) -> None:
+               circuit_id: int | None = None, sweep_id: int | None = None,
+               edge_circuit_id: int | None = None, edge_sweep_id: int | None = None) -> None:
     values: dict[str, Any] = {"status": status, "finished_at": utcnow(), "message": message[:2000], "error": error}
     if status == "done":
         values["progress"] = 1.0
@@ -142,6 +144,10 @@ def finish_job(session: Session, job_id: int, status: str, *, message: str = "",
         values["circuit_id"] = circuit_id
     if sweep_id is not None:
         values["sweep_id"] = sweep_id
+    if edge_circuit_id is not None:
+        values["edge_circuit_id"] = edge_circuit_id
+    if edge_sweep_id is not None:
+        values["edge_sweep_id"] = edge_sweep_id
     session.execute(update(Job).where(Job.id == job_id).values(**values))
 
 
@@ -171,6 +177,10 @@ def job_result_exists(session: Session, job: Job) -> bool:
         return job.circuit_id is not None and session.get(Circuit, job.circuit_id) is not None
     if job.kind == "score":  # scores are of the explanations (and human ratings) as they were then
         return job.finished_at is not None and not _interpretation_changed_since(session, job)
+    if job.kind == "edges":
+        return job.edge_circuit_id is not None and session.get(EdgeCircuit, job.edge_circuit_id) is not None
+    if job.kind == "edge-sweep":
+        return job.edge_sweep_id is not None and session.get(EdgeSweep, job.edge_sweep_id) is not None
     return True  # other kinds keep no result row that could have been deleted
 
 
@@ -499,3 +509,84 @@ def update_annotation(session: Session, annotation_id: int, *, rating: int | Non
     row.comment = row.comment if comment is None else comment
     session.flush()
     return row
+
+
+# ------------------------------------------------------------------------------ edge circuits, edge sweeps
+
+def save_edge_circuit(session: Session, result, params_hash: str, model: Model, dataset: Dataset | None) -> EdgeCircuit:
+    """Store an edge circuit (backend.edges.pipeline.EdgeCircuit), replacing one with the same hash."""
+    old = session.scalar(select(EdgeCircuit).where(EdgeCircuit.params_hash == params_hash))
+    if old is not None:
+        session.delete(old)
+        session.flush()
+    kl = result.metrics["kl"]
+    row = EdgeCircuit(params_hash=params_hash, model_id=model.id, dataset_id=dataset.id if dataset else None,
+                      task=result.task, method=result.method, n_prompts=result.n_prompts,
+                      n_edges=result.graph["edges"], n_kept=result.n_kept, sparsity=result.sparsity,
+                      kl_mean=kl["mean"], kl_ci_low=kl["ci95"][0], kl_ci_high=kl["ci95"][1],
+                      recovered=_finite_or_none(result.metrics.get("recovered_of_means")),
+                      seconds=result.seconds, result=_json_safe(result.to_json()))
+    session.add(row)
+    session.flush()
+    return row
+
+
+def save_edge_sweep(session: Session, result, params_hash: str, model: Model, dataset: Dataset | None) -> EdgeSweep:
+    old = session.scalar(select(EdgeSweep).where(EdgeSweep.params_hash == params_hash))
+    if old is not None:
+        session.delete(old)
+        session.flush()
+    row = EdgeSweep(params_hash=params_hash, model_id=model.id, dataset_id=dataset.id if dataset else None,
+                    task=result.task, methods=list(result.methods), counts=list(result.counts),
+                    n_prompts=result.n_prompts, n_edges=result.graph["edges"], seconds=result.seconds,
+                    result=_json_safe(result.to_json()))
+    session.add(row)
+    session.flush()
+    return row
+
+
+def get_edge_circuit(session: Session, row_id: int) -> EdgeCircuit:
+    return _get(session, EdgeCircuit, row_id, "edge circuit")
+
+
+def get_edge_sweep(session: Session, row_id: int) -> EdgeSweep:
+    return _get(session, EdgeSweep, row_id, "edge sweep")
+
+
+def list_edge_circuits(session: Session, *, model: str | None = None, task: str | None = None,
+                       method: str | None = None, limit: int = 50, offset: int = 0) -> tuple[list[EdgeCircuit], int]:
+    stmt = select(EdgeCircuit).options(selectinload(EdgeCircuit.model), defer(EdgeCircuit.result))
+    if model:
+        stmt = stmt.join(Model, EdgeCircuit.model_id == Model.id).where(Model.name == model)
+    if task:
+        stmt = stmt.where(EdgeCircuit.task == task)
+    if method:
+        stmt = stmt.where(EdgeCircuit.method == method)
+    return _page(session, stmt.order_by(EdgeCircuit.id.desc()), limit, offset)
+
+
+def list_edge_sweeps(session: Session, *, model: str | None = None, task: str | None = None,
+                     limit: int = 50, offset: int = 0) -> tuple[list[EdgeSweep], int]:
+    stmt = select(EdgeSweep).options(selectinload(EdgeSweep.model), defer(EdgeSweep.result))
+    if model:
+        stmt = stmt.join(Model, EdgeSweep.model_id == Model.id).where(Model.name == model)
+    if task:
+        stmt = stmt.where(EdgeSweep.task == task)
+    return _page(session, stmt.order_by(EdgeSweep.id.desc()), limit, offset)
+
+
+def _finite_or_none(value):
+    import math
+    return value if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def _json_safe(value):
+    """NaN / inf -> None so the JSON column is standard JSON on every database."""
+    import math
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value

@@ -27,7 +27,7 @@ NAMING = {
 }
 
 JOB_STATUSES = ("queued", "running", "done", "failed", "cancelled")
-JOB_KINDS = ("prune", "sweep", "graph", "explain", "score")
+JOB_KINDS = ("prune", "sweep", "graph", "explain", "score", "edges", "edge-sweep")
 EXPLANATION_SOURCES = ("llm", "offline", "human")
 
 
@@ -114,6 +114,8 @@ class Job(Base):
     finished_at: Mapped[datetime | None]
     circuit_id: Mapped[int | None] = mapped_column(ForeignKey("circuits.id", ondelete="SET NULL"))
     sweep_id: Mapped[int | None] = mapped_column(ForeignKey("sweeps.id", ondelete="SET NULL"))
+    edge_circuit_id: Mapped[int | None] = mapped_column(ForeignKey("edge_circuits.id", ondelete="SET NULL"))
+    edge_sweep_id: Mapped[int | None] = mapped_column(ForeignKey("edge_sweeps.id", ondelete="SET NULL"))
 
 
 class Circuit(Base):
@@ -316,3 +318,50 @@ class Annotation(Base):
     comment: Mapped[str | None] = mapped_column(Text)
     author: Mapped[str] = mapped_column(String(200), default="")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class EdgeCircuit(Base):
+    """An edge circuit (backend.edges.pipeline.EdgeCircuit): kept edges, metrics, cost as JSON."""
+
+    __tablename__ = "edge_circuits"
+    __table_args__ = (Index("ix_edge_circuits_model_task_method", "model_id", "task", "method"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    params_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"))
+    dataset_id: Mapped[int | None] = mapped_column(ForeignKey("datasets.id", ondelete="SET NULL"), index=True)
+    task: Mapped[str] = mapped_column(String(50))
+    method: Mapped[str] = mapped_column(String(50))
+    n_prompts: Mapped[int]
+    n_edges: Mapped[int]
+    n_kept: Mapped[int]
+    sparsity: Mapped[float]
+    kl_mean: Mapped[float]
+    kl_ci_low: Mapped[float]
+    kl_ci_high: Mapped[float]
+    recovered: Mapped[float | None]
+    seconds: Mapped[float]
+    result: Mapped[dict[str, Any]]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    model: Mapped[Model] = relationship()
+
+
+class EdgeSweep(Base):
+    """Edge methods over edge counts (backend.edges.pipeline.EdgeSweep) as JSON."""
+
+    __tablename__ = "edge_sweeps"
+    __table_args__ = (Index("ix_edge_sweeps_model_task", "model_id", "task"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    params_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"))
+    dataset_id: Mapped[int | None] = mapped_column(ForeignKey("datasets.id", ondelete="SET NULL"), index=True)
+    task: Mapped[str] = mapped_column(String(50))
+    methods: Mapped[list[Any]]
+    counts: Mapped[list[Any]]
+    n_prompts: Mapped[int]
+    n_edges: Mapped[int]
+    seconds: Mapped[float]
+    result: Mapped[dict[str, Any]]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    model: Mapped[Model] = relationship()

@@ -22,6 +22,10 @@ def job_out(job: Job, reused: bool = False) -> JobOut:
         links["circuit"] = f"/api/circuits/{job.circuit_id}"
     if job.sweep_id is not None:
         links["sweep"] = f"/api/sweeps/{job.sweep_id}"
+    if job.edge_circuit_id is not None:
+        links["edge_circuit"] = f"/api/edge-circuits/{job.edge_circuit_id}"
+    if job.edge_sweep_id is not None:
+        links["edge_sweep"] = f"/api/edge-sweeps/{job.edge_sweep_id}"
     out.links = links
     return out
 
