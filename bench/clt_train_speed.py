@@ -4,7 +4,8 @@ Shapes default to the demo (Gemma-3-270M: 18 layers, d=640; 1024 features per la
 Data are random normal activations (timing does not depend on their values), or, with
 --store, batches read from a harvested activation store as training reads them. Each row
 times full steps (read, forward, backward, Adam) after one warm-up step; load on the machine
-counts, so compare rows of one run. Runs against whatever `backend` is on the path, so the
+counts, so compare rows of one run; the CPU-seconds columns (process time, all threads) do
+not depend on load as much: with --threads 1 they are the one-core cost of a step. Runs against whatever `backend` is on the path, so the
 same script measures an older checkout (PYTHONPATH=that/checkout) for a before/after table.
 """
 
@@ -50,9 +51,9 @@ def time_steps(args, precision: str, batch: int, aux: bool) -> dict:
     dead = torch.zeros(args.layers, args.features, dtype=torch.bool)
     if aux:  # a third of the features dead, as early in a run
         dead[:, : args.features // 3] = True
-    times = []
+    times, cpu = [], []
     for step in range(args.steps + 1):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         if store is not None:
             x, y = store.rows(torch.randint(0, store.n_tokens, (batch,)))
             x, y = x / x.norm(dim=-1, keepdim=True).mean() * args.d_model ** 0.5, y / y.std()
@@ -69,10 +70,13 @@ def time_steps(args, precision: str, batch: int, aux: bool) -> dict:
         opt.step()
         if step:
             times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
     per_step = sorted(times)[len(times) // 2]
+    cpu_per_step = sorted(cpu)[len(cpu) // 2]
     return {"precision": str(getattr(model, "compute_dtype", torch.float32)).removeprefix("torch."),
             "backward": getattr(model, "backward_kind", "dense (fp32)"), "batch": batch, "aux": aux,
-            "s_per_step": per_step, "tok_per_s": batch / per_step}
+            "s_per_step": per_step, "tok_per_s": batch / per_step, "cpu_s_per_step": cpu_per_step,
+            "tok_per_cpu_s": batch / cpu_per_step}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,15 +101,16 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(time_steps(args, precision, batch, aux))
                 r = rows[-1]
                 print(f"  {r['precision']:>8} {r['backward']:>12} B={r['batch']:>5} aux={r['aux']!s:>5} "
-                      f"{r['s_per_step']:6.2f} s/step {r['tok_per_s']:7.0f} tok/s", file=sys.stderr, flush=True)
+                      f"{r['s_per_step']:6.2f} s/step {r['tok_per_s']:7.0f} tok/s "
+                      f"{r['cpu_s_per_step']:6.2f} CPU-s/step", file=sys.stderr, flush=True)
     where = Path(inspect.getfile(training)).resolve().parent.parent.parent
     print(f"\nCLT training steps, {args.layers} layers x {args.features} features, d={args.d_model}, "
           f"k={args.k}, {torch.get_num_threads()} threads; code from {where}\n")
-    print("| matmuls | decoder backward | batch | AuxK | s/step | tokens/s |")
-    print("|---|---|---|---|---|---|")
+    print("| matmuls | decoder backward | batch | AuxK | s/step | tokens/s | CPU-s/step | tokens/CPU-s |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['precision']} | {r['backward']} | {r['batch']} | {'on' if r['aux'] else 'off'} | "
-              f"{r['s_per_step']:.2f} | {r['tok_per_s']:.0f} |")
+              f"{r['s_per_step']:.2f} | {r['tok_per_s']:.0f} | {r['cpu_s_per_step']:.2f} | {r['tok_per_cpu_s']:.0f} |")
     return 0
 
 
