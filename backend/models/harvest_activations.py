@@ -80,9 +80,11 @@ class ActivationStore:
         """Tokens `index` (int64 [B] or a slice) -> (resid_mid, mlp_out), each [L, B, d] fp32."""
         if isinstance(index, torch.Tensor):
             index = np.sort(index.numpy())  # sorted reads are faster; order is irrelevant
-        x = torch.from_numpy(np.array(self.resid_mid[index], dtype=np.float32))
-        y = torch.from_numpy(np.array(self.mlp_out[index], dtype=np.float32))
-        return x.transpose(0, 1).contiguous(), y.transpose(0, 1).contiguous()
+        # One fp16 gather, then one pass that converts and transposes (not three copies).
+        x = torch.from_numpy(np.ascontiguousarray(self.resid_mid[index]))
+        y = torch.from_numpy(np.ascontiguousarray(self.mlp_out[index]))
+        return (x.transpose(0, 1).to(torch.float32, memory_format=torch.contiguous_format),
+                y.transpose(0, 1).to(torch.float32, memory_format=torch.contiguous_format))
 
     def chunks(self, size: int, limit: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Consecutive (resid_mid, mlp_out) chunks [L, <=size, d] over the first `limit` tokens."""
