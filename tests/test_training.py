@@ -26,7 +26,7 @@ from tests.tokenizers import tiny_tokenizer
 L, D, FEATS, K = 3, 32, 64, 4
 CONFIG = TrainConfig(features_per_layer=FEATS, k=K, tokens=4096, heldout_tokens=512,
                      batch_size=256, steps=40, lr=1e-2, warmup_steps=5, eval_every=20,
-                     checkpoint_every=10, calibration_tokens=1024, seed=3)
+                     checkpoint_every=10, calibration_tokens=1024, seed=3, dead_tokens=1024)
 
 
 @pytest.fixture(scope="module")
@@ -125,6 +125,11 @@ def test_resumed_run_ends_where_an_uninterrupted_one_ends(adapter, docs, tmp_pat
     curve_a = [v for _, v in straight.report["loss_curve"]]
     curve_b = [v for _, v in resumed.report["loss_curve"]]
     assert len(curve_b) == cfg.steps and curve_a == pytest.approx(curve_b, rel=1e-5)
+    # AuxK was on across the interruption (its dead-feature state is in the checkpoint).
+    aux_a, aux_b = straight.report["aux_loss_curve"], resumed.report["aux_loss_curve"]
+    assert [s for s, _ in aux_a] == [s for s, _ in aux_b] and any(s > 6 for s, _ in aux_a)
+    assert [v for _, v in aux_a] == pytest.approx([v for _, v in aux_b], rel=1e-5)
+    assert straight.report["dead_curve"] == resumed.report["dead_curve"]
 
 
 def test_export_folds_normalisation_into_model_units():
