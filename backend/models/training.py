@@ -8,10 +8,9 @@ Pipeline (DESIGN.md section 11 has the measurements behind each choice):
    mean and one std (so that the mean squared error of layer t *is* its FVU and every layer
    counts the same); the loss is the mean FVU over layers;
 3. train TopK features (k per token and layer): a feature of source layer l writes to `mlp_out`
-   of layers l..L-1. The decoder is a sparse-times-dense product (`_SparseDecode`): k/F of the
-   dense forward cost; its backward computes the decoder gradient densely (faster than any
-   sparse kernel on 2 CPU cores at k/F = 1/32) and the activations' gradient only at the
-   active entries (`torch.sparse.sampled_addmm`);
+   of layers l..L-1 (`topk_clt.py`: the model, its sparse decoder with a dense-matmul or a
+   scatter-add backward, bf16 matmuls where the device has them, and the AuxK loss that trains
+   dead features on the residual error);
 4. export: fold the normalisation into W_enc / W_dec / b_dec so the files are in plain model
    units, and (by default) convert TopK to JumpReLU with per-feature thresholds calibrated on
    training tokens so that each feature fires as often as under TopK. circuit-tracer's loader
@@ -20,9 +19,10 @@ Pipeline (DESIGN.md section 11 has the measurements behind each choice):
    `export_activation="topk"` writes TopK instead (with a note in config.yaml).
 
 Written to OUT: the circuit-tracer files (`config.yaml`, `W_enc_{i}` / `W_dec_{i}`),
-`training_report.json` (config, loss curve, per-layer held-out FVU, L0, dead features, tokens/s,
-seconds) and `loss_curve.png`; while training also `checkpoint.pt` (parameters, Adam state,
-step = data position; the batch order is a function of (seed, epoch), so a resumed run equals
+`training_report.json` (config, loss curve, per-layer held-out FVU, L0, dead features and their
+curve over training, device and matmul dtype, tokens/s, seconds) and `loss_curve.png`; while
+training also `checkpoint.pt` (parameters, Adam state, the dead-feature counters, step = data
+position; the batch order is a function of (seed, epoch), so a resumed run equals
 an uninterrupted one).
 """
 
@@ -45,7 +45,7 @@ from backend.models.adapters import ModelAdapter
 from backend.models.corpus import load_corpus, split_heldout
 from backend.models.harvest_activations import ActivationStore, delete_store, harvest
 from backend.models.topk_clt import (DECODER_BACKWARDS, PRECISIONS, DeadFeatures, TopKCLT, auxk_loss,
-                                     resolve_backward, resolve_precision, sparse_decode)
+                                     resolve_backward, resolve_precision, sparse_decode)  # noqa: F401
 from backend.models.transcoder import Transcoder, TranscoderConfig
 from backend.models.transcoder_files import save_transcoder
 
