@@ -1,4 +1,5 @@
-"""CLT training on a tiny random model: loss falls, files round-trip, resume is exact."""
+"""CLT training on a tiny random model: loss falls, files round-trip, resume is exact; the fast
+decoder kernels agree with the dense sum of writes; AuxK touches only dead features."""
 
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ from safetensors import safe_open
 from backend.errors import UserError
 from backend.models.adapters import ModelAdapter
 from backend.models.corpus import (default_corpus, read_corpus, split_heldout, story_documents)
+from backend.models.topk_clt import DeadFeatures, auxk_loss, clt_decode
 from backend.models.training import (CHECKPOINT_FILE, PLOT_FILE, REPORT_FILE, Normaliser, TopKCLT,
                                      TrainConfig, export_transcoder, is_complete, sparse_decode,
-                                     train_clt)
+                                     train_clt, train_loss)
 from backend.models.transcoder_files import load_transcoder
 from tests.tiny_models import tiny_model
 from tests.tokenizers import tiny_tokenizer
@@ -24,7 +26,7 @@ from tests.tokenizers import tiny_tokenizer
 L, D, FEATS, K = 3, 32, 64, 4
 CONFIG = TrainConfig(features_per_layer=FEATS, k=K, tokens=4096, heldout_tokens=512,
                      batch_size=256, steps=40, lr=1e-2, warmup_steps=5, eval_every=20,
-                     checkpoint_every=10, calibration_tokens=1024, seed=3)
+                     checkpoint_every=10, calibration_tokens=1024, seed=3, dead_tokens=1024)
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +125,11 @@ def test_resumed_run_ends_where_an_uninterrupted_one_ends(adapter, docs, tmp_pat
     curve_a = [v for _, v in straight.report["loss_curve"]]
     curve_b = [v for _, v in resumed.report["loss_curve"]]
     assert len(curve_b) == cfg.steps and curve_a == pytest.approx(curve_b, rel=1e-5)
+    # AuxK was on across the interruption (its dead-feature state is in the checkpoint).
+    aux_a, aux_b = straight.report["aux_loss_curve"], resumed.report["aux_loss_curve"]
+    assert [s for s, _ in aux_a] == [s for s, _ in aux_b] and any(s > 6 for s, _ in aux_a)
+    assert [v for _, v in aux_a] == pytest.approx([v for _, v in aux_b], rel=1e-5)
+    assert straight.report["dead_curve"] == resumed.report["dead_curve"]
 
 
 def test_export_folds_normalisation_into_model_units():
@@ -159,3 +166,134 @@ def test_corpus_reading_and_default(tmp_path):
     assert any("def " in d or "class " in d for d in docs)  # Python docs
     train, held = split_heldout(docs)
     assert len(held) * 19 <= len(train) + 19 and not set(held) & set(train)
+
+
+# ------------------------------------------------------------------ fast trainer: kernels, AuxK
+
+
+def _codes(gen, B, Fn, k, layers):
+    codes = {}
+    for l in layers:
+        vals, idx = torch.rand(B, Fn, generator=gen).topk(k, dim=-1)
+        codes[l] = (idx, vals)
+    return codes
+
+
+@pytest.mark.parametrize("backward", ["dense", "sparse"])
+def test_clt_decode_matches_the_dense_sum_of_writes(backward):
+    gen = torch.Generator().manual_seed(2)
+    Lc, B, Fn, k, d = 3, 9, 12, 3, 5
+    weights = [torch.randn(Fn, (Lc - l) * d, dtype=torch.float64, generator=gen, requires_grad=True)
+               for l in range(Lc)]
+    codes = {l: (idx, vals.double().requires_grad_(True)) for l, (idx, vals) in _codes(gen, B, Fn, k, [0, 2]).items()}
+    out = clt_decode(codes, weights, d, backward)
+    expected = torch.zeros(B, Lc, d, dtype=torch.float64)
+    for l, (idx, vals) in codes.items():
+        dense = torch.zeros(B, Fn, dtype=torch.float64).scatter(1, idx, vals)
+        expected[:, l:] += (dense @ weights[l]).view(B, Lc - l, d)
+    assert torch.allclose(out, expected)
+    g = torch.randn(B, Lc, d, dtype=torch.float64, generator=gen)
+    inputs = [codes[0][1], codes[2][1], weights[0], weights[2]]
+    got = torch.autograd.grad(out, inputs, g)
+    want = torch.autograd.grad(expected, inputs, g)
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b)
+    assert weights[1].grad is None  # a layer without codes gets no gradient
+
+
+def test_bf16_decode_is_close_to_float32():
+    gen = torch.Generator().manual_seed(3)
+    B, Fn, k, D = 64, 128, 8, 40
+    w = torch.randn(Fn, D, generator=gen, requires_grad=True)
+    vals, idx = torch.rand(B, Fn, generator=gen).topk(k, dim=-1)
+    vals = vals.requires_grad_(True)
+    g = torch.randn(B, D, generator=gen)
+    ref = sparse_decode(idx, vals, w)
+    ref_grads = torch.autograd.grad(ref, [vals, w], g)
+    low = sparse_decode(idx, vals, w.to(torch.bfloat16))
+    assert low.dtype == torch.float32
+    low_grads = torch.autograd.grad(low, [vals, w], g)
+    assert torch.allclose(low, ref, rtol=2e-2, atol=2e-2 * float(ref.detach().abs().mean()))
+    for a, b in zip(low_grads, ref_grads):
+        assert a.dtype == torch.float32
+        assert float((a - b).norm() / b.norm()) < 2e-2
+
+
+def _step(model, cfg, x, y, dead):
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    loss, aux, codes = train_loss(model, x, y, dead, cfg)
+    (loss if aux is None else loss + cfg.aux_coef * aux).backward()
+    opt.step()
+    return aux, codes
+
+
+def _batch(seed=4, B=64):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(L, B, D, generator=gen), torch.randn(L, B, D, generator=gen)
+
+
+def test_sparse_decoder_step_equals_the_dense_step():
+    """Same batch, same start: the scatter-add (sparse) and matmul (dense) decoder backwards
+    give the same parameters after an Adam step, in float32."""
+    x, y = _batch()
+    cfg = replace(CONFIG, precision="float32", aux_coef=0.0)
+    models = []
+    for backward in ("dense", "sparse"):
+        model = TopKCLT(L, D, FEATS, K, seed=0)
+        model.backward_kind = backward
+        _step(model, cfg, x, y, torch.zeros(L, FEATS, dtype=torch.bool))
+        models.append(model)
+    for (name, a), (_, b) in zip(models[0].named_parameters(), models[1].named_parameters()):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-5), name
+
+
+def test_auxk_is_inactive_when_nothing_is_dead():
+    x, y = _batch()
+    nothing_dead = torch.zeros(L, FEATS, dtype=torch.bool)
+    with_aux, without = TopKCLT(L, D, FEATS, K, seed=0), TopKCLT(L, D, FEATS, K, seed=0)
+    aux, _ = _step(with_aux, replace(CONFIG, precision="float32", aux_coef=1.0), x, y, nothing_dead)
+    assert aux is None
+    _step(without, replace(CONFIG, precision="float32", aux_coef=0.0), x, y, nothing_dead)
+    for (name, a), (_, b) in zip(with_aux.named_parameters(), without.named_parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_auxk_trains_only_dead_features_on_the_residual_error():
+    x, y = _batch()
+    model = TopKCLT(L, D, FEATS, K, seed=0)
+    dead = torch.zeros(L, FEATS, dtype=torch.bool)
+    dead[1, :20] = True  # dead features of layer 1 only
+    pre = model.pre_activations(x)
+    recon = model.decode(dict(enumerate(model.topk(p) for p in pre)))
+    error = (y - recon).detach()
+    aux = auxk_loss(model, pre, error, dead, aux_k=6, n_tokens=32)
+    assert aux is not None and float(aux) > 0
+    aux.backward()
+    assert model.W_dec[0].grad is None and model.W_dec[2].grad is None
+    live_rows = model.W_dec[1].grad[20:]
+    assert torch.count_nonzero(live_rows) == 0 and torch.count_nonzero(model.W_dec[1].grad[:20]) > 0
+    assert torch.count_nonzero(model.W_enc[1].grad[20:]) == 0
+    assert model.b_dec.grad is None  # the auxiliary reconstruction has no bias
+    # Reconstructing the error exactly would give 0: the loss is ||e - e_aux||^2 / ||e||^2.
+    assert float(aux) == pytest.approx(float(((model.decode(
+        {1: model.topk(pre[1][:32].masked_fill(~dead[1], float("-inf")), 6)}, bias=False)
+        - error[:, :32]).pow(2).sum() / error[:, :32].pow(2).sum())), rel=1e-5)
+
+
+def test_dead_features_are_counted_in_tokens_since_they_fired():
+    tracker = DeadFeatures(2, 5, dead_tokens=8, device=torch.device("cpu"))
+    idx = torch.tensor([[0, 1], [1, 2], [0, 1], [0, 1]])  # 4 tokens
+    vals = torch.tensor([[1.0, 1.0], [1.0, 0.0], [1.0, 1.0], [1.0, 1.0]])  # feature 2 never > 0
+    tracker.update([(idx, vals), (idx, torch.zeros_like(vals))])
+    assert tracker.since.tolist() == [[0, 0, 4, 4, 4], [4, 4, 4, 4, 4]]
+    tracker.update([(idx, vals), (idx, vals)])
+    assert tracker.mask.tolist() == [[False, False, True, True, True], [False, False, True, True, True]]
+    assert tracker.count() == 6
+
+
+def test_training_reports_dead_features_and_precision(trained):
+    _, result = trained
+    report = result.report
+    assert report["compute_dtype"] in ("float32", "bfloat16") and report["device"] == "cpu"
+    assert len(report["dead_curve"]) == len(report["heldout_curve"])
+    assert all(len(row) == 3 for row in report["dead_curve"])

@@ -24,6 +24,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--activation", choices=["jumprelu", "topk"], default="jumprelu",
                    help="activation of the written files (JumpReLU loads identically in circuit-tracer)")
+    p.add_argument("--precision", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="matmul dtype; auto: bfloat16 where the device has fast bf16 (AMX CPUs, CUDA)")
+    p.add_argument("--aux-coef", type=float, default=1 / 32,
+                   help="weight of the AuxK loss that revives dead features (0: off)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--out", required=True, help="output directory (circuit-tracer format)")
     p.set_defaults(run=cmd_train_clt)
@@ -35,6 +39,7 @@ def cmd_train_clt(args: argparse.Namespace, settings: Settings) -> None:
     config = TrainConfig(features_per_layer=args.features_per_layer, k=args.k, tokens=args.tokens,
                          heldout_tokens=args.heldout_tokens, steps=args.steps, batch_size=args.batch_size,
                          lr=args.lr, seed=args.seed, export_activation=args.activation,
+                         precision=args.precision, aux_coef=args.aux_coef,
                          calibration_tokens=min(8192, args.tokens))
     out = Path(args.out)
     resume = args.resume or (out / CHECKPOINT_FILE).exists()

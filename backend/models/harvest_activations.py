@@ -62,6 +62,13 @@ def _fingerprint(model_name: str, seqs: list[list[int]], n_tokens: int) -> str:
     return h.hexdigest()[:16]
 
 
+def _layer_major(rows: np.ndarray) -> torch.Tensor:
+    """fp16 rows [B, L, d] (a gathered copy, or a read-only view of the memmap) -> [L, B, d] fp32."""
+    if not rows.flags.writeable:  # a slice of the read-only memmap: copy it out first
+        rows = np.array(rows)
+    return torch.from_numpy(rows).transpose(0, 1).to(torch.float32, memory_format=torch.contiguous_format)
+
+
 @dataclass
 class ActivationStore:
     """Harvested activations on disk: `resid_mid` and `mlp_out` memmaps [N, L, d] float16."""
@@ -80,9 +87,8 @@ class ActivationStore:
         """Tokens `index` (int64 [B] or a slice) -> (resid_mid, mlp_out), each [L, B, d] fp32."""
         if isinstance(index, torch.Tensor):
             index = np.sort(index.numpy())  # sorted reads are faster; order is irrelevant
-        x = torch.from_numpy(np.array(self.resid_mid[index], dtype=np.float32))
-        y = torch.from_numpy(np.array(self.mlp_out[index], dtype=np.float32))
-        return x.transpose(0, 1).contiguous(), y.transpose(0, 1).contiguous()
+        # One fp16 gather, then one pass that converts and transposes (not three copies).
+        return _layer_major(self.resid_mid[index]), _layer_major(self.mlp_out[index])
 
     def chunks(self, size: int, limit: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Consecutive (resid_mid, mlp_out) chunks [L, <=size, d] over the first `limit` tokens."""

@@ -8,10 +8,9 @@ Pipeline (DESIGN.md section 11 has the measurements behind each choice):
    mean and one std (so that the mean squared error of layer t *is* its FVU and every layer
    counts the same); the loss is the mean FVU over layers;
 3. train TopK features (k per token and layer): a feature of source layer l writes to `mlp_out`
-   of layers l..L-1. The decoder is a sparse-times-dense product (`_SparseDecode`): k/F of the
-   dense forward cost; its backward computes the decoder gradient densely (faster than any
-   sparse kernel on 2 CPU cores at k/F = 1/32) and the activations' gradient only at the
-   active entries (`torch.sparse.sampled_addmm`);
+   of layers l..L-1 (`topk_clt.py`: the model, its sparse decoder with a dense-matmul or a
+   scatter-add backward, bf16 matmuls where the device has them, and the AuxK loss that trains
+   dead features on the residual error);
 4. export: fold the normalisation into W_enc / W_dec / b_dec so the files are in plain model
    units, and (by default) convert TopK to JumpReLU with per-feature thresholds calibrated on
    training tokens so that each feature fires as often as under TopK. circuit-tracer's loader
@@ -20,9 +19,10 @@ Pipeline (DESIGN.md section 11 has the measurements behind each choice):
    `export_activation="topk"` writes TopK instead (with a note in config.yaml).
 
 Written to OUT: the circuit-tracer files (`config.yaml`, `W_enc_{i}` / `W_dec_{i}`),
-`training_report.json` (config, loss curve, per-layer held-out FVU, L0, dead features, tokens/s,
-seconds) and `loss_curve.png`; while training also `checkpoint.pt` (parameters, Adam state,
-step = data position; the batch order is a function of (seed, epoch), so a resumed run equals
+`training_report.json` (config, loss curve, per-layer held-out FVU, L0, dead features and their
+curve over training, device and matmul dtype, tokens/s, seconds) and `loss_curve.png`; while
+training also `checkpoint.pt` (parameters, Adam state, the dead-feature counters, step = data
+position; the batch order is a function of (seed, epoch), so a resumed run equals
 an uninterrupted one).
 """
 
@@ -33,20 +33,19 @@ import logging
 import math
 import os
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 from tqdm import tqdm
 
 from backend.errors import InvalidParameterError, UserError
 from backend.models.adapters import ModelAdapter
 from backend.models.corpus import load_corpus, split_heldout
 from backend.models.harvest_activations import ActivationStore, delete_store, harvest
+from backend.models.topk_clt import (DECODER_BACKWARDS, PRECISIONS, DeadFeatures, TopKCLT, auxk_loss,
+                                     resolve_backward, resolve_precision, sparse_decode)  # noqa: F401
 from backend.models.transcoder import Transcoder, TranscoderConfig
 from backend.models.transcoder_files import save_transcoder
 
@@ -68,6 +67,12 @@ class TrainConfig:
     lr: Adam's peak learning rate, after `warmup_steps`, cosine-decayed to lr * lr_final.
     export_activation: "jumprelu" (thresholds calibrated on `calibration_tokens` training
     tokens) or "topk".
+    precision: matmul dtype, "auto" = bfloat16 where the device has fast bf16 (AMX, CUDA), else
+    float32 (master weights, loss and Adam are float32 either way); decoder_backward: "dense",
+    "sparse" or "auto" (`topk_clt.py`). The device is the adapter's (PIESCOPE_DEVICE).
+    AuxK: a feature is dead after `dead_tokens` tokens without firing; the auxiliary loss
+    (weight aux_coef, 0 = off) trains the top `aux_k` dead features per layer on the residual
+    error of the first `aux_tokens` tokens of each batch.
     """
 
     features_per_layer: int = 1024
@@ -89,10 +94,17 @@ class TrainConfig:
     calibration_tokens: int = 8192
     keep_activations: bool = False
     keep_checkpoint: bool = False
+    precision: str = "auto"
+    decoder_backward: str = "auto"
+    aux_k: int = 128
+    aux_coef: float = 1 / 32
+    aux_tokens: int = 256
+    dead_tokens: int = 16_384
 
     def __post_init__(self) -> None:
         positive = ("features_per_layer", "k", "tokens", "heldout_tokens", "batch_size", "seq_len",
-                    "harvest_batch_size", "checkpoint_every", "eval_every", "calibration_tokens")
+                    "harvest_batch_size", "checkpoint_every", "eval_every", "calibration_tokens",
+                    "aux_k", "aux_tokens", "dead_tokens")
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
@@ -107,6 +119,13 @@ class TrainConfig:
         if self.batch_size > self.tokens:
             raise InvalidParameterError(
                 f"batch_size={self.batch_size} exceeds the {self.tokens} training tokens")
+        if self.aux_coef < 0:
+            raise InvalidParameterError(f"aux_coef must not be negative, got {self.aux_coef}")
+        if self.precision not in PRECISIONS:
+            raise InvalidParameterError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.decoder_backward not in DECODER_BACKWARDS:
+            raise InvalidParameterError(
+                f"decoder_backward must be one of {DECODER_BACKWARDS}, got {self.decoder_backward!r}")
         if self.export_activation not in EXPORT_ACTIVATIONS:
             raise InvalidParameterError(
                 f"export_activation must be one of {EXPORT_ACTIVATIONS}, got {self.export_activation!r}")
@@ -131,103 +150,6 @@ class TrainResult:
     path: Path
     report: dict = field(default_factory=dict)
     transcoder: Transcoder | None = None  # the exported CLT (None when stopped early)
-
-
-# ------------------------------------------------------------------------------ sparse decoder
-
-
-class _SparseDecode(torch.autograd.Function):
-    """out[b] = sum_j vals[b, j] * weight[idx[b, j]]: a sparse [B, F] times dense [F, D].
-
-    idx [B, k] (distinct features per row), vals [B, k], weight [F, D] -> out [B, D].
-    Forward is an `embedding_bag` (B*k*D); backward gives d/dweight = A^T g with A the dense
-    [B, F] activation matrix (a dense matmul: on CPU faster than sparse kernels at k/F ~ 1/32)
-    and d/dvals only at the active entries (sampled_addmm, B*k*D).
-    """
-
-    @staticmethod
-    def forward(ctx, idx: torch.Tensor, vals: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(idx, vals, weight)
-        return F.embedding_bag(idx, weight, per_sample_weights=vals, mode="sum")
-
-    @staticmethod
-    def backward(ctx, g: torch.Tensor):
-        idx, vals, weight = ctx.saved_tensors
-        B, k = idx.shape
-        grad_vals = grad_weight = None
-        g = g.contiguous()
-        if ctx.needs_input_grad[2]:
-            dense = vals.new_zeros(B, weight.shape[0]).scatter_(1, idx, vals)
-            grad_weight = dense.T @ g
-        if ctx.needs_input_grad[1]:
-            sorted_idx, order = idx.sort(dim=1)
-            crow = torch.arange(0, B * k + 1, k, dtype=torch.long)
-            with warnings.catch_warnings():  # "sparse CSR support is in beta"
-                warnings.simplefilter("ignore", UserWarning)
-                mask = torch.sparse_csr_tensor(crow, sorted_idx.reshape(-1), vals.new_zeros(B * k),
-                                               (B, weight.shape[0]))
-            picked = torch.sparse.sampled_addmm(mask, g, weight.T).values().reshape(B, k)
-            grad_vals = torch.empty_like(picked).scatter_(1, order, picked)
-        return None, grad_vals, grad_weight
-
-
-def sparse_decode(idx: torch.Tensor, vals: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Sum of `vals`-weighted rows `idx` of `weight`: [B, k], [B, k], [F, D] -> [B, D]."""
-    return _SparseDecode.apply(idx, vals, weight)
-
-
-# ------------------------------------------------------------------------------ the model
-
-
-class TopKCLT(nn.Module):
-    """The CLT being trained, in normalised units (see the module docstring).
-
-    W_enc[l] [F, d], b_enc[l] [F]; W_dec[l] [F, L-l, d] (row j writes into layer l+j);
-    b_dec [L, d]. Activation: TopK (k per token and layer) of the pre-activations, relu'd.
-    """
-
-    def __init__(self, n_layers: int, d_model: int, n_features: int, k: int, seed: int):
-        super().__init__()
-        L, Fn, d = n_layers, n_features, d_model
-        self.k = k
-        gen = torch.Generator().manual_seed(seed)
-        # Per-layer parameters (a [L, F, d] tensor indexed per layer would cost a full-size
-        # zero gradient per layer in backward).
-        self.W_enc = nn.ParameterList(
-            [nn.Parameter(torch.randn(Fn, d, generator=gen) / math.sqrt(d)) for _ in range(L)])
-        self.b_enc = nn.ParameterList([nn.Parameter(torch.zeros(Fn)) for _ in range(L)])
-        dec_std = 0.1 / math.sqrt(k * L)
-        self.W_dec = nn.ParameterList(
-            [nn.Parameter(torch.randn(Fn, L - l, d, generator=gen) * dec_std) for l in range(L)])
-        self.b_dec = nn.Parameter(torch.zeros(L, d))
-
-    @property
-    def n_layers(self) -> int:
-        return len(self.W_enc)
-
-    @property
-    def n_features(self) -> int:
-        return self.W_enc[0].shape[0]
-
-    def encode_layer(self, l: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [B, d] -> (indices [B, k], activations [B, k] >= 0)."""
-        pre = x @ self.W_enc[l].T + self.b_enc[l]
-        vals, idx = pre.topk(self.k, dim=-1)
-        return idx, torch.relu(vals)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
-        """x [L, B, d] -> (reconstruction [L, B, d], per layer (indices, activations))."""
-        L, B, d = x.shape
-        total = self.b_dec.unsqueeze(0)  # [1, L, d], broadcast to [B, L, d]
-        codes = []
-        for l in range(L):
-            idx, vals = self.encode_layer(l, x[l])
-            codes.append((idx, vals))
-            w = sparse_decode(idx, vals, self.W_dec[l].reshape(self.W_dec[l].shape[0], -1))
-            # [B, L-l, d] padded to [B, L, d]: one op per source layer (slicing per target
-            # would cost a full-size zero fill per (source, target) pair in backward).
-            total = total + F.pad(w.view(B, L - l, d), (0, 0, l, 0))
-        return total.transpose(0, 1), codes
 
 
 @dataclass
@@ -298,12 +220,12 @@ class ReconstructionStats:
         self.n = 0
 
     def add(self, recon: torch.Tensor, y: torch.Tensor, active: torch.Tensor) -> None:
-        """recon, y: [L, B, d]; active: [L, B, F] bool."""
-        self.err += (recon - y).double().pow(2).sum((1, 2))
-        self.y_sum += y.double().sum(1)
-        self.y_sq += y.double().pow(2).sum((1, 2))
-        self.l0 += active.sum((1, 2)).double()
-        self.fired |= active.any(1)
+        """recon, y: [L, B, d]; active: [L, B, F] bool (on any device; the sums are kept on CPU)."""
+        self.err += (recon - y).double().pow(2).sum((1, 2)).cpu()
+        self.y_sum += y.double().sum(1).cpu()
+        self.y_sq += y.double().pow(2).sum((1, 2)).cpu()
+        self.l0 += active.sum((1, 2)).double().cpu()
+        self.fired |= active.any(1).cpu()
         self.n += y.shape[1]
 
     @property
@@ -321,10 +243,11 @@ class ReconstructionStats:
 def _evaluate(model: TopKCLT, store: ActivationStore, norm: Normaliser, chunk: int = 1024) -> dict:
     """Held-out per-layer FVU, L0 and the features never active, for the TopK model."""
     acc = ReconstructionStats(model.n_layers, store.d_model, model.n_features)
+    device = model.b_dec.device
     for x, y in store.chunks(chunk):
-        xn, yn = norm.apply(x, y)
+        xn, yn = norm.apply(x.to(device), y.to(device))
         recon, codes = model(xn)
-        active = torch.stack([torch.zeros(x.shape[1], model.n_features, dtype=torch.bool)
+        active = torch.stack([torch.zeros(x.shape[1], model.n_features, dtype=torch.bool, device=device)
                               .scatter_(1, idx, vals > 0) for idx, vals in codes])
         acc.add(recon, yn, active)
     return acc.result()
@@ -339,13 +262,14 @@ def calibrate_thresholds(model: TopKCLT, store: ActivationStore, norm: Normalise
     pre-activation of f (the largest, if it never fires), and at least 0.
     """
     x, y = store.rows(slice(0, min(n_tokens, store.n_tokens)))
-    xn, _ = norm.apply(x, y)
+    device = model.b_dec.device
+    xn, _ = norm.apply(x.to(device), y.to(device))
     out = []
     with torch.no_grad():
         for l in range(model.n_layers):
             pre = xn[l] @ model.W_enc[l].T + model.b_enc[l]  # [N, F]
             idx, vals = model.encode_layer(l, xn[l])
-            counts = torch.zeros(pre.shape[1], dtype=torch.long).index_add_(
+            counts = torch.zeros(pre.shape[1], dtype=torch.long, device=device).index_add_(
                 0, idx[vals > 0], torch.ones_like(idx[vals > 0]))
             top = pre.sort(dim=0, descending=True).values  # [N, F]
             N = top.shape[0]
@@ -413,7 +337,13 @@ def _plot(history: dict, path: Path) -> None:
     ax.set_ylabel("mean FVU over layers")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="upper left")
+    if history.get("dead"):  # (step, dead in training, never active on held-out)
+        ax2 = ax.twinx()
+        ax2.plot([r[0] for r in history["dead"]], [r[1] for r in history["dead"]], "s--", color="tab:red",
+                 label="dead features (training window)")
+        ax2.set_ylabel("dead features")
+        ax2.legend(loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -436,6 +366,26 @@ def is_complete(out_dir: str | Path) -> bool:
 
 
 # ------------------------------------------------------------------------------ training
+
+
+def train_loss(model: TopKCLT, x: torch.Tensor, y: torch.Tensor, dead: torch.Tensor,
+               cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor | None, list]:
+    """One batch's losses: (mean FVU over layers, AuxK loss or None, per layer (idx, vals)).
+
+    x, y [L, B, d] normalised; dead [L, F] bool. The AuxK term is None when cfg.aux_coef is 0
+    or no feature is dead, so it then adds nothing to the step.
+    """
+    pre = model.pre_activations(x)
+    codes = [model.topk(p) for p in pre]
+    weights = model.decoder_weights()  # one bf16 copy per step, shared by both decodes
+    recon = model.decode(dict(enumerate(codes)), weights=weights)
+    loss = (recon - y).pow(2).mean()
+    aux = None
+    if cfg.aux_coef > 0:
+        aux = auxk_loss(model, pre, (y - recon).detach(), dead, cfg.aux_k,
+                        min(cfg.aux_tokens, x.shape[1]), weights)
+    return loss, aux, codes
+
 
 
 def train_clt(adapter: ModelAdapter, out_dir: str | Path, config: TrainConfig | None = None,
@@ -475,13 +425,17 @@ def train_clt(adapter: ModelAdapter, out_dir: str | Path, config: TrainConfig | 
 
     # 2. model, optimiser, state
     L, d = adapter.n_layers, adapter.d_model
+    device = torch.device(adapter.device)
     norm = Normaliser.fit(store)
-    model = TopKCLT(L, d, cfg.features_per_layer, cfg.k, cfg.seed)
+    model = TopKCLT(L, d, cfg.features_per_layer, cfg.k, cfg.seed).to(device)
+    model.compute_dtype = resolve_precision(cfg.precision, device)
+    model.backward_kind = resolve_backward(cfg.decoder_backward, device, cfg.k, cfg.features_per_layer)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), fused=True)
-    history: dict = {"loss": [], "heldout": []}
+    dead = DeadFeatures(L, cfg.features_per_layer, cfg.dead_tokens, device)
+    history: dict = {"loss": [], "heldout": [], "dead": [], "aux_loss": []}
     step, train_seconds = 0, 0.0
     if resume and ckpt_file.exists():
-        ckpt = torch.load(ckpt_file, weights_only=False)
+        ckpt = torch.load(ckpt_file, weights_only=False, map_location=device)
         saved = {k: v for k, v in ckpt["config"].items() if k not in TrainConfig.RESUME_FREE}
         now = {k: v for k, v in cfg.to_dict().items() if k not in TrainConfig.RESUME_FREE}
         if saved != now:
@@ -491,13 +445,18 @@ def train_clt(adapter: ModelAdapter, out_dir: str | Path, config: TrainConfig | 
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         norm = Normaliser(**ckpt["normaliser"])
+        dead.since = ckpt["dead_since"]
         history, step, train_seconds = ckpt["history"], ckpt["step"], ckpt["train_seconds"]
         report(f"resuming from step {step} of {cfg.total_steps}")
+    norm = Normaliser(**{k: v.to(device) for k, v in norm.state().items()})
+    report(f"training on {device} with {str(model.compute_dtype).removeprefix('torch.')} matmuls "
+           f"and the {model.backward_kind} decoder backward")
 
     def checkpoint() -> None:
         _save_checkpoint(ckpt_file, {"model": model.state_dict(), "optimizer": opt.state_dict(),
                                      "normaliser": norm.state(), "history": history, "step": step,
-                                     "train_seconds": train_seconds, "config": cfg.to_dict()})
+                                     "dead_since": dead.since, "train_seconds": train_seconds,
+                                     "config": cfg.to_dict()})
 
     # 3. train
     total = cfg.total_steps
@@ -507,22 +466,28 @@ def train_clt(adapter: ModelAdapter, out_dir: str | Path, config: TrainConfig | 
     t_train = time.perf_counter()
     while step < end:
         rows = _batch_index(step, cfg, store.n_tokens)
-        x, y = norm.apply(*store.rows(rows))
+        x, y = (t.to(device, non_blocking=True) for t in store.rows(rows))
+        x, y = norm.apply(x, y)
         for group in opt.param_groups:
             group["lr"] = cfg.lr * _lr_factor(step, cfg)
-        recon, _ = model(x)
-        loss = (recon - y).pow(2).mean()
+        loss, aux, codes = train_loss(model, x, y, dead.mask, cfg)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss if aux is None else loss + cfg.aux_coef * aux).backward()
         opt.step()
+        dead.update(codes)
         step += 1
         loss = float(loss.detach())
         history["loss"].append((step, loss))
+        if aux is not None:
+            history["aux_loss"].append((step, float(aux.detach())))
         bar.update(cfg.batch_size)
         bar.set_postfix(loss=f"{loss:.4f}")
         if step % cfg.eval_every == 0 or step == total:
-            history["heldout"].append((step, _evaluate(model, held, norm)["mean_fvu"]))
-            bar.set_postfix(loss=f"{loss:.4f}", heldout=f"{history['heldout'][-1][1]:.4f}")
+            held_eval = _evaluate(model, held, norm)
+            history["heldout"].append((step, held_eval["mean_fvu"]))
+            history["dead"].append((step, dead.count(), held_eval["dead"]))
+            bar.set_postfix(loss=f"{loss:.4f}", heldout=f"{history['heldout'][-1][1]:.4f}",
+                            dead=dead.count())
         if step % cfg.checkpoint_every == 0 or step == end:
             train_seconds += time.perf_counter() - t_train
             t_train = time.perf_counter()
@@ -554,6 +519,11 @@ def train_clt(adapter: ModelAdapter, out_dir: str | Path, config: TrainConfig | 
                     "total": time.perf_counter() - t_start},
         "train_tokens_per_second": total * cfg.batch_size / max(train_seconds, 1e-9),
         "exported_activation": cfg.export_activation,
+        "device": str(device),
+        "compute_dtype": str(model.compute_dtype).removeprefix("torch."),
+        "decoder_backward": model.backward_kind,
+        "dead_curve": history["dead"],
+        "aux_loss_curve": history["aux_loss"],
         "heldout": exported_eval,
         "heldout_topk": topk_eval,
         "loss_curve": history["loss"],
