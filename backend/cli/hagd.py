@@ -21,6 +21,20 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="write the result (levels, circuit, verification, ...) as JSON here")
     p.set_defaults(run=cmd_hagd)
 
+    p = sub.add_parser("hagd-scorer", help="build HAGD's learned cluster scorer (a small GNN) across tasks "
+                       "and models, with its leave-one-task-out evaluation")
+    p.add_argument("--sources", default=",".join(DEFAULT_SOURCES),
+                   help="comma-separated model:transcoder:task triples (default: %(default)s)")
+    p.add_argument("-n", type=int, default=16, help="prompt pairs per source")
+    p.add_argument("--options", help="HAGD options for the graphs and hierarchies, as JSON (pool, ratio, top, ...)")
+    p.add_argument("--epochs", type=int, default=300)
+    p.add_argument("--out", help="scorer file (default: models_cache/hagd/scorer.pt)")
+    p.set_defaults(run=cmd_hagd_scorer)
+
+
+DEFAULT_SOURCES = ("modadd-113:modadd-113/clt:modadd", "gemma-3-270m:gemma-3-270m/clt:ioi",
+                   "gemma-3-270m:gemma-3-270m/clt:docstring", "gemma-3-270m:gemma-3-270m/clt:greater-than")
+
 
 def cmd_hagd(args: argparse.Namespace, settings: Settings) -> None:
     from backend.hagd.pipeline import HagdConfig, run_hagd
@@ -64,3 +78,34 @@ def print_result(result) -> None:
     if result.scorer.get("heldout_spearman") is not None:
         print(f"scorer: held-out Spearman {result.scorer['heldout_spearman']:.3f}")
     print("time: " + ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items()))
+
+
+def cmd_hagd_scorer(args: argparse.Namespace, settings: Settings) -> None:
+    from pathlib import Path
+
+    from backend.hagd.pipeline import HagdConfig, scorer_samples
+    from backend.hagd.scorer import build_scorer
+    from backend.models.loading import load_model
+    from backend.models.transcoder_files import load_transcoder
+    from backend.models.transcoder_registry import resolve_transcoder
+    from backend.tasks import get_task
+    config = HagdConfig.from_options(parse_options(args.options))
+    sources = [s.strip().split(":") for s in args.sources.split(",") if s.strip()]
+    if not sources or any(len(s) != 3 for s in sources):
+        raise UserError("--sources must be comma-separated model:transcoder:task triples")
+    for _, _, task in sources:
+        get_task(task)
+    samples, adapters = [], {}
+    for model, tc_ref, task in sources:
+        say(f"scorer data: {task} on {model}")
+        if model not in adapters:
+            adapters[model] = load_model(model, settings, report=say)
+        _, tc_path = resolve_transcoder(tc_ref, settings, allow_paths=True)
+        tc = load_transcoder(tc_path, device=settings.device)
+        samples += scorer_samples(adapters[model], tc, get_task(task), args.n, config, label=f"{task}@{model}")
+    scorer = build_scorer(samples, epochs=args.epochs, seed=config.seed)
+    out = Path(args.out) if args.out else Path(settings.models_cache) / "hagd" / "scorer.pt"
+    scorer.save(out)
+    print_table([{"held-out task": r["heldout"], "clusters": r["clusters"], "GNN Spearman": r["gnn_spearman"],
+                  "attribution-mass Spearman": r["mass_spearman"]} for r in scorer.info["loto"]])
+    print(f"wrote {out} (trained on {', '.join(scorer.info['tasks'])}; {scorer.info['n_clusters']} clusters)")

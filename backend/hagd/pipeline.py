@@ -209,3 +209,15 @@ def equal_size_baselines(runs_list: list[PromptRuns], n_features: int, k: int, s
     random = rng.choice(len(codes), size=min(k, len(codes)), replace=False) if codes else []
     return {"fap": torch.tensor(sorted(codes[:k]), dtype=torch.long),
             "random": torch.tensor(sorted(codes[i] for i in random), dtype=torch.long)}
+
+
+def scorer_samples(adapter: ModelAdapter, transcoder: Transcoder, task: Task, n: int, config: HagdConfig,
+                   label: str, progress: Progress | None = None):
+    """Training samples for the learned scorer: every level of this task's hierarchy with the
+    true necessity of every cluster (`scorer.level_samples`)."""
+    from backend.hagd.scorer import level_samples
+    attr = Attributor(adapter, transcoder, config.corruption, config.grad)
+    runs_list = _prepare(attr, task.build(adapter.tokenizer, n, seed=config.seed), config.batch_size)
+    graph = build_feature_graph(attr, runs_list, pool=config.pool, progress=progress)
+    hierarchy = build_hierarchy(graph.symmetric_weights(), ratio=config.ratio, top=config.top, seed=config.seed)
+    return level_samples(label, graph, hierarchy, FeatureAblation(attr, runs_list), adapter.n_layers)
