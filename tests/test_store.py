@@ -19,7 +19,8 @@ from backend.store.db import alembic_config, downgrade_to, make_engine, session_
 from backend.store.tables import Base
 
 TABLES = {"models", "transcoders", "datasets", "jobs", "circuits", "sweeps", "sweep_points", "features",
-          "examples", "explanations", "explanation_revisions", "explanation_scores", "annotations"}
+          "examples", "explanations", "explanation_revisions", "explanation_scores", "annotations",
+          "hierarchies"}
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from backend.jobs import ExplainParams, GraphParams, PruneParams, ScoreParams, SweepParams
+from backend.jobs import ExplainParams, GraphParams, HagdParams, PruneParams, ScoreParams, SweepParams
 
 T = TypeVar("T")
 MAX_TEXT = 20_000
@@ -60,8 +60,14 @@ class ScoreJobCreate(BaseModel):
     params: ScoreParams
 
 
-JobCreate = Annotated[PruneJobCreate | SweepJobCreate | GraphJobCreate | ExplainJobCreate | ScoreJobCreate,
-                      Field(discriminator="kind")]
+class HagdJobCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["hagd"]
+    params: HagdParams
+
+
+JobCreate = Annotated[PruneJobCreate | SweepJobCreate | GraphJobCreate | ExplainJobCreate | ScoreJobCreate
+                      | HagdJobCreate, Field(discriminator="kind")]
 
 
 class JobOut(BaseModel):
@@ -82,6 +88,7 @@ class JobOut(BaseModel):
     finished_at: datetime | None
     circuit_id: int | None
     sweep_id: int | None
+    hierarchy_id: int | None = None
     reused: bool = Field(False, description="served from the store or an identical job already queued/running")
     links: dict[str, str] = Field(default_factory=dict)
 
@@ -254,3 +261,31 @@ class FeatureDetail(FeatureOut):
 
     examples: list[ExampleOut]
     explanations: list[ExplanationOut]
+
+
+# ------------------------------------------------------------------------------ HAGD hierarchies
+
+class HierarchySummary(BaseModel):
+    """A stored HAGD run: levels (clusters per level, finest first), circuit size, verification."""
+
+    id: int
+    model: str
+    transcoder: str
+    task: str
+    n_prompts: int
+    levels: list[int]
+    circuit_size: int
+    sufficiency_mean: float
+    sufficiency_std: float
+    necessity_mean: float
+    necessity_std: float
+    evaluations: int
+    seconds: float
+    created_at: datetime
+
+
+class HierarchyDetail(HierarchySummary):
+    """The whole HagdResult: graph, hierarchy tree, search trace, circuit, verification."""
+
+    dataset_id: int | None
+    result: dict[str, Any]

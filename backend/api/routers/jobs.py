@@ -22,6 +22,8 @@ def job_out(job: Job, reused: bool = False) -> JobOut:
         links["circuit"] = f"/api/circuits/{job.circuit_id}"
     if job.sweep_id is not None:
         links["sweep"] = f"/api/sweeps/{job.sweep_id}"
+    if job.hierarchy_id is not None:
+        links["hierarchy"] = f"/api/hierarchies/{job.hierarchy_id}"
     out.links = links
     return out
 
