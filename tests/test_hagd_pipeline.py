@@ -94,3 +94,9 @@ def test_cli_bad_input_is_one_line(capsys, argv, needle):
     code = main(["hagd", "--model", "x", "--transcoder", "x/y", "--task", "modadd", *argv])
     err = capsys.readouterr().err
     assert code == 2 and needle in err and len(err.strip().splitlines()) == 1
+
+
+def test_scorer_sources_take_task_options():
+    from backend.cli.hagd import task_with_options
+    task = task_with_options("modadd+corrupt=b+p=7")
+    assert task.corrupt == "b" and task.p == 7

@@ -118,3 +118,13 @@ def test_train_toy_cli(capsys, tmp_path):
     code = main(["train-toy", "modadd", "--p", "1", "--out", str(tmp_path / "x")])
     out, err = capsys.readouterr()
     assert code == 2 and "p must be" in err and len(err.strip().splitlines()) == 1
+
+
+def test_modadd_task_can_corrupt_b():
+    pairs = get_task("modadd", corrupt="b").generate(20, seed=1, tokenizer=make_tokenizer(11))
+    for pair in pairs:
+        m = pair.meta
+        assert m["a_corrupted"] == m["a"] and m["b_corrupted"] != m["b"]
+        assert pair.distractors == (f" {(m['a'] + m['b_corrupted']) % 11}",)
+    with pytest.raises(UserError, match="corrupt"):
+        get_task("modadd", corrupt="c")

@@ -24,7 +24,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("hagd-scorer", help="build HAGD's learned cluster scorer (a small GNN) across tasks "
                        "and models, with its leave-one-task-out evaluation")
     p.add_argument("--sources", default=",".join(DEFAULT_SOURCES),
-                   help="comma-separated model:transcoder:task triples (default: %(default)s)")
+                   help="comma-separated model:transcoder:task triples; a task may carry options as "
+                   "task+key=value (e.g. modadd+corrupt=b) (default: %(default)s)")
     p.add_argument("-n", type=int, default=16, help="prompt pairs per source")
     p.add_argument("--options", help="HAGD options for the graphs and hierarchies, as JSON (pool, ratio, top, ...)")
     p.add_argument("--epochs", type=int, default=300)
@@ -93,19 +94,31 @@ def cmd_hagd_scorer(args: argparse.Namespace, settings: Settings) -> None:
     sources = [s.strip().split(":") for s in args.sources.split(",") if s.strip()]
     if not sources or any(len(s) != 3 for s in sources):
         raise UserError("--sources must be comma-separated model:transcoder:task triples")
-    for _, _, task in sources:
-        get_task(task)
+    tasks = {spec: task_with_options(spec) for _, _, spec in sources}  # fail before loading anything
     samples, adapters = [], {}
-    for model, tc_ref, task in sources:
-        say(f"scorer data: {task} on {model}")
+    for model, tc_ref, spec in sources:
+        say(f"scorer data: {spec} on {model}")
         if model not in adapters:
             adapters[model] = load_model(model, settings, report=say)
         _, tc_path = resolve_transcoder(tc_ref, settings, allow_paths=True)
         tc = load_transcoder(tc_path, device=settings.device)
-        samples += scorer_samples(adapters[model], tc, get_task(task), args.n, config, label=f"{task}@{model}")
+        samples += scorer_samples(adapters[model], tc, tasks[spec], args.n, config, label=f"{spec}@{model}")
     scorer = build_scorer(samples, epochs=args.epochs, seed=config.seed)
     out = Path(args.out) if args.out else Path(settings.models_cache) / "hagd" / "scorer.pt"
     scorer.save(out)
     print_table([{"held-out task": r["heldout"], "clusters": r["clusters"], "GNN Spearman": r["gnn_spearman"],
                   "attribution-mass Spearman": r["mass_spearman"]} for r in scorer.info["loto"]])
     print(f"wrote {out} (trained on {', '.join(scorer.info['tasks'])}; {scorer.info['n_clusters']} clusters)")
+
+
+def task_with_options(spec: str):
+    """A task from "name" or "name+key=value+key=value" (values are ints when they look like one)."""
+    from backend.tasks import get_task
+    name, *pairs = spec.split("+")
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise UserError(f"task option '{pair}' in '{spec}' must be key=value")
+        options[key] = int(value) if value.isdigit() else value
+    return get_task(name, **options)

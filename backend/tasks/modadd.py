@@ -2,7 +2,8 @@
 
 The corrupted prompt changes a to a different a' (same length: one token either way), so its
 answer c' = (a' + b) mod p differs from c. Metric: logit(c) - logit(c'), i.e. how much the
-model prefers the clean answer over the corrupted prompt's answer.
+model prefers the clean answer over the corrupted prompt's answer. `corrupt="b"` changes b
+instead (the same question through the other operand: a different set of active features).
 
 p defaults to what the tokenizer writes as single tokens: every number 0..p-1 must be one
 token (the modadd model's tokenizer has exactly p of them; a tokenizer of single digits gives
@@ -36,10 +37,12 @@ class ModAddTask(Task):
     description = "Modular addition 'a + b =' -> (a + b) mod p; corrupted with a different a"
     metric_kind = "logit_diff"
 
-    def __init__(self, p: int | None = None) -> None:
+    def __init__(self, p: int | None = None, corrupt: str = "a") -> None:
         if p is not None and (not isinstance(p, int) or not 2 <= p <= MAX_P):
             raise InvalidParameterError(f"modadd p must be a whole number from 2 to {MAX_P}, not {p!r}")
-        self.p = p
+        if corrupt not in ("a", "b"):
+            raise InvalidParameterError(f"modadd corrupt must be 'a' or 'b', not {corrupt!r}")
+        self.p, self.corrupt = p, corrupt
 
     def modulus(self, tokenizer: Any = None) -> int:
         if tokenizer is None:
@@ -59,9 +62,10 @@ class ModAddTask(Task):
         pairs = []
         for _ in range(n):
             a, b = rng.randrange(p), rng.randrange(p)
-            a_corr = (a + rng.randrange(1, p)) % p  # any a' != a, uniformly
-            c, c_corr = (a + b) % p, (a_corr + b) % p
-            pairs.append(PromptPair(clean=f"{a} + {b} =", corrupted=f"{a_corr} + {b} =", answer=f" {c}",
+            shift = rng.randrange(1, p)  # any other value of the corrupted operand, uniformly
+            a2, b2 = ((a + shift) % p, b) if self.corrupt == "a" else (a, (b + shift) % p)
+            c, c_corr = (a + b) % p, (a2 + b2) % p
+            pairs.append(PromptPair(clean=f"{a} + {b} =", corrupted=f"{a2} + {b2} =", answer=f" {c}",
                                     distractors=(f" {c_corr}",),
-                                    meta={"a": a, "b": b, "a_corrupted": a_corr, "p": p}))
+                                    meta={"a": a, "b": b, "a_corrupted": a2, "b_corrupted": b2, "p": p}))
         return pairs
