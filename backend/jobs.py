@@ -127,7 +127,8 @@ class GraphParams(BaseModel):
 
 class HagdParams(DatasetParams):
     """HAGD on n prompts (DESIGN 8.3): options are `backend.hagd.pipeline.HagdConfig`'s fields,
-    except `scorer_path` (a file on the server); score "scorer" uses models_cache/hagd/scorer.pt."""
+    except `scorer_path` (a file on the server; score "scorer" uses models_cache/hagd/scorer.pt)
+    and `seed` (the dataset's seed is HAGD's)."""
 
     options: dict[str, OptionValue] = Field(default_factory=dict)
 
@@ -213,9 +214,12 @@ def normalise(params: BaseModel) -> BaseModel:
         if "scorer_path" in params.options:
             raise InvalidParameterError("option 'scorer_path' (a file on the server) is not accepted here; "
                                         "score 'scorer' uses the built scorer (piescope hagd-scorer)")
+        if "seed" in params.options:
+            raise InvalidParameterError("HAGD takes the dataset's seed; set params.seed, not options.seed")
         options = asdict(HagdConfig.from_options({**params.options, **(
             {"scorer_path": "built"} if params.options.get("score") == "scorer" else {})}))
         options.pop("scorer_path")
+        options.pop("seed")
         return params.model_copy(update={"options": options})
     return params
 

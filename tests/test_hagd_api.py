@@ -44,6 +44,7 @@ def test_hagd_job_stores_a_hierarchy_and_is_reused(client):
     ({"scorer_path": "/etc/passwd"}, 422, "scorer_path"),
     ({"poool": 1}, 422, "unknown HAGD option"),
     ({"score": "magic"}, 422, "cluster score"),
+    ({"seed": 3}, 422, "params.seed"),
 ])
 def test_bad_hagd_requests(client, options, status, needle):
     r = client.post("/api/jobs", json=hagd_body(**options))
