@@ -6,7 +6,7 @@ BIN     := $(VENV)/bin
 TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.installed
 
-.PHONY: venv test test-fast demo bench clean
+.PHONY: venv test test-fast demo demo-modadd bench clean
 
 venv: $(STAMP)
 
@@ -25,6 +25,16 @@ test-fast: venv
 
 demo: venv
 	$(BIN)/piescope demo
+
+# The modular-addition model and its CLT (each built once, ~12 + ~10 minutes on two busy cores),
+# then HAGD on it.
+MODADD := models_cache/modadd-113
+demo-modadd: venv
+	test -f $(MODADD)/model/config.json || $(BIN)/piescope train-toy modadd --p 113
+	test -f $(MODADD)/clt/training_report.json || $(BIN)/piescope train-clt --model modadd-113 \
+		--corpus $(MODADD)/corpus.jsonl --features-per-layer 512 --k 16 --tokens 40000 \
+		--heldout-tokens 2048 --batch-size 512 --out $(MODADD)/clt
+	$(BIN)/piescope hagd --model modadd-113 --transcoder modadd-113/clt --task modadd -n 32 --out $(MODADD)/hagd.json
 
 bench: venv
 	$(BIN)/python bench/clt_quality.py

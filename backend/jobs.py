@@ -1,4 +1,4 @@
-"""The job functions: what `prune`, `sweep`, `graph`, `explain` and `score` compute, for the CLI and the API.
+"""The job functions: what `prune`, `sweep`, `graph`, `explain`, `score` and `hagd` compute, for the CLI and the API.
 
 Each kind has a pydantic params model (validated, defaults filled in, then hashed: identical
 params map to one stored result) and a function `run_<kind>(context, params, progress)` that
@@ -127,6 +127,14 @@ class GraphParams(BaseModel):
         "metric", description="what the graph explains: the task metric M (e.g. logit(IO) - logit(S)) or the answer logit")
 
 
+class HagdParams(DatasetParams):
+    """HAGD on n prompts (DESIGN 8.3): options are `backend.hagd.pipeline.HagdConfig`'s fields,
+    except `scorer_path` (a file on the server; score "scorer" uses models_cache/hagd/scorer.pt)
+    and `seed` (the dataset's seed is HAGD's)."""
+
+    options: dict[str, OptionValue] = Field(default_factory=dict)
+
+
 CORPORA: tuple[str, ...] = ("default", "stories")
 
 
@@ -188,7 +196,7 @@ class ScoreParams(InterpTarget):
 
 
 PARAMS: dict[str, type[BaseModel]] = {"prune": PruneParams, "sweep": SweepParams, "graph": GraphParams,
-                                      "explain": ExplainParams, "score": ScoreParams}
+                                      "explain": ExplainParams, "score": ScoreParams, "hagd": HagdParams}
 
 
 def params_hash(kind: str, params: BaseModel) -> str:
@@ -217,6 +225,20 @@ def normalise(params: BaseModel) -> BaseModel:
         if extra:
             raise InvalidParameterError(f"options given for method(s) not in the sweep: {', '.join(sorted(extra))}")
         options = {m: check_method(m, params.budget, params.options.get(m)) for m in params.methods}
+        return params.model_copy(update={"options": options})
+    if isinstance(params, HagdParams):
+        from dataclasses import asdict
+
+        from backend.hagd.pipeline import HagdConfig
+        if "scorer_path" in params.options:
+            raise InvalidParameterError("option 'scorer_path' (a file on the server) is not accepted here; "
+                                        "score 'scorer' uses the built scorer (piescope hagd-scorer)")
+        if "seed" in params.options:
+            raise InvalidParameterError("HAGD takes the dataset's seed; set params.seed, not options.seed")
+        options = asdict(HagdConfig.from_options({**params.options, **(
+            {"scorer_path": "built"} if params.options.get("score") == "scorer" else {})}))
+        options.pop("scorer_path")
+        options.pop("seed")
         return params.model_copy(update={"options": options})
     return params
 
@@ -360,6 +382,28 @@ def run_graph(context: JobContext, circuit, dataset: DatasetParams, prompt: int 
     graph = build_graph(adapter, transcoder, batch, circuit, [prompt] if prompt is not None else None,
                         progress=(lambda f, m: progress(0.1 + 0.9 * f, m)) if progress else None, target=target)
     return JobOutput(graph, _pairs_json(batch))
+
+
+def scorer_file(settings: Settings):
+    """Where `piescope hagd-scorer` puts the learned cluster scorer by default."""
+    from pathlib import Path
+    return Path(settings.models_cache) / "hagd" / "scorer.pt"
+
+
+def run_hagd(context: JobContext, params: HagdParams, progress: Progress | None = None) -> JobOutput:
+    """HAGD -> JobOutput(HagdResult JSON, pairs)."""
+    from backend.hagd.pipeline import HagdConfig
+    from backend.hagd.pipeline import run_hagd as hagd
+    from backend.tasks import get_task
+    options = dict(params.options)
+    if options.get("score") == "scorer":
+        options["scorer_path"] = str(scorer_file(context.settings))
+    config = HagdConfig.from_options({**options, "seed": params.seed})
+    adapter, transcoder, batch = prepare(context, params, progress)
+    task = get_task(params.task, **params.task_options)
+    result = hagd(adapter, transcoder, task, params.n, config, model_name=params.model,
+                  transcoder_name=params.transcoder, task_name=params.task, progress=progress)
+    return JobOutput(result.to_json(), _pairs_json(batch))
 
 
 # ------------------------------------------------------------------------------ interpretation

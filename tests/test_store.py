@@ -20,7 +20,7 @@ from backend.store.tables import Base
 
 TABLES = {"models", "transcoders", "datasets", "jobs", "circuits", "sweeps", "sweep_points", "features",
           "examples", "explanations", "explanation_revisions", "explanation_scores", "annotations",
-          "edge_circuits", "edge_sweeps"}
+          "edge_circuits", "edge_sweeps", "hierarchies"}
 
 
 @pytest.fixture

@@ -277,12 +277,13 @@ def test_jsonl_errors(tmp_path: Path) -> None:
 
 
 def test_registry() -> None:
-    assert list(TASKS) == ["ioi", "docstring", "greater-than", "jsonl"]
+    assert list(TASKS) == ["ioi", "docstring", "greater-than", "jsonl", "modadd"]
     with pytest.raises(NotFoundError) as err:
         get_task("nonexistent")
     assert all(name in str(err.value) for name in TASKS)
     listed = {t["name"]: t["metric"] for t in list_tasks()}
-    assert listed == {"ioi": "logit_diff", "docstring": "logit_diff_max", "greater-than": "prob_diff", "jsonl": "logit_diff"}
+    assert listed == {"ioi": "logit_diff", "docstring": "logit_diff_max", "greater-than": "prob_diff", "jsonl": "logit_diff",
+                      "modadd": "logit_diff"}
     assert get_task("ioi", corruption="s2").corruption == "s2"
     with pytest.raises(InvalidParameterError):
         get_task("ioi", colour="red")

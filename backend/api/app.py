@@ -18,7 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from backend.api.cache import ResponseCache
 from backend.api.deps import require_write_token
 from backend.api.jobs import JobExecutor, JobKind
-from backend.api.routers import dashboard, features, edges, graphs, interp, jobs, meta, results
+from backend.api.routers import dashboard, features, edges, graphs, hierarchies, interp, jobs, meta, results
 from backend.errors import UserError
 from backend.settings import Settings
 from backend.store.db import open_store
@@ -117,7 +117,7 @@ def create_app(settings: Settings | None = None, *, max_body_bytes: int = MAX_BO
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes,
                        per_path={"/api/graphs/import": max(max_body_bytes, graphs.MAX_GRAPH_BODY_BYTES)})
     app.add_exception_handler(UserError, _user_error)
-    for module in (meta, jobs, results, edges, graphs, features, interp, dashboard):
+    for module in (meta, jobs, results, edges, graphs, hierarchies, features, interp, dashboard):
         app.include_router(module.router)
     return app
 

@@ -50,7 +50,7 @@ class JobKind:
 
     params: the pydantic model of its parameters; normalise(params) fills in defaults before
     hashing. check(settings, session, params): cheap validation before queueing (UserError). run(context, sessions, params, progress)
-    -> output. store(settings, session, params, output) -> {"circuit_id"|"sweep_id": id},
+    -> output. store(settings, session, params, output) -> {"circuit_id"|"sweep_id"|"hierarchy_id": id},
     called in the transaction that marks the job done.
     """
 
@@ -203,6 +203,16 @@ EDGE_KINDS: dict[str, JobKind] = {
 }
 
 
+def _run_hagd(context, sessions, params, progress):
+    return job_functions.run_hagd(context, params, progress)
+
+
+def _store_hagd(settings, session, params, output) -> dict[str, int]:
+    model, transcoder, dataset = _store_inputs(settings, session, params, output.pairs)
+    h = job_functions.params_hash("hagd", params)
+    return {"hierarchy_id": queries.save_hierarchy(session, output.result, h, model, transcoder, dataset).id}
+
+
 PIE_KINDS: dict[str, JobKind] = {
     "prune": JobKind(job_functions.PruneParams, _check_pie, _run_prune, _store_prune, job_functions.normalise),
     "sweep": JobKind(job_functions.SweepParams, _check_pie, _run_sweep, _store_sweep, job_functions.normalise),
@@ -210,6 +220,7 @@ PIE_KINDS: dict[str, JobKind] = {
     "explain": JobKind(job_functions.ExplainParams, _check_interp, _run_explain, _store_interp),
     "score": JobKind(job_functions.ScoreParams, _check_interp, _run_score, _store_interp),
     **EDGE_KINDS,
+    "hagd": JobKind(job_functions.HagdParams, _check_pie, _run_hagd, _store_hagd, job_functions.normalise),
 }
 
 

@@ -12,8 +12,8 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, computed_field
 
-from backend.jobs import (EdgeParams, EdgeSweepParams, ExplainParams, GraphParams, PruneParams, ScoreParams,
-                          SweepParams)
+from backend.jobs import (EdgeParams, EdgeSweepParams, ExplainParams, GraphParams, HagdParams, PruneParams,
+                          ScoreParams, SweepParams)
 
 T = TypeVar("T")
 MAX_TEXT = 20_000
@@ -73,8 +73,14 @@ class EdgeSweepJobCreate(BaseModel):
     params: EdgeSweepParams
 
 
+class HagdJobCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["hagd"]
+    params: HagdParams
+
+
 JobCreate = Annotated[PruneJobCreate | SweepJobCreate | GraphJobCreate | ExplainJobCreate | ScoreJobCreate
-                      | EdgesJobCreate | EdgeSweepJobCreate, Field(discriminator="kind")]
+                      | EdgesJobCreate | EdgeSweepJobCreate | HagdJobCreate, Field(discriminator="kind")]
 
 
 class JobOut(BaseModel):
@@ -97,6 +103,7 @@ class JobOut(BaseModel):
     sweep_id: int | None
     edge_circuit_id: int | None = None
     edge_sweep_id: int | None = None
+    hierarchy_id: int | None = None
     reused: bool = Field(False, description="served from the store or an identical job already queued/running")
     links: dict[str, str] = Field(default_factory=dict)
 
@@ -315,3 +322,31 @@ class EdgeSweepSummary(BaseModel):
 
 class EdgeSweepDetail(EdgeSweepSummary):
     result: dict[str, Any] = Field(description="backend.edges.pipeline.EdgeSweep JSON: rows, curve areas")
+
+
+# ------------------------------------------------------------------------------ HAGD hierarchies
+
+class HierarchySummary(BaseModel):
+    """A stored HAGD run: levels (clusters per level, finest first), circuit size, verification."""
+
+    id: int
+    model: str
+    transcoder: str
+    task: str
+    n_prompts: int
+    levels: list[int]
+    circuit_size: int
+    sufficiency_mean: float
+    sufficiency_std: float
+    necessity_mean: float
+    necessity_std: float
+    evaluations: int
+    seconds: float
+    created_at: datetime
+
+
+class HierarchyDetail(HierarchySummary):
+    """The whole HagdResult: graph, hierarchy tree, search trace, circuit, verification."""
+
+    dataset_id: int | None
+    result: dict[str, Any]

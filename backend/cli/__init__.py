@@ -1,6 +1,7 @@
 """The `piescope` command line: parse, call a service in backend/, print.
 
-One module per command family (`models`, `pie`, `graphs`, `edges`, `train`, `interp`, `servers`); each adds its
+One module per command family (`models`, `pie`, `graphs`, `edges`, `train`, `toys`, `interp`,
+`hagd`, `servers`); each adds its
 sub-commands with `add_parsers` and binds each to its function with `set_defaults(run=...)`.
 Any UserError becomes one line on stderr and exit code 2, never a traceback.
 """
@@ -12,11 +13,11 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from backend.cli import edges, graphs, interp, models, pie, servers, train
+from backend.cli import edges, graphs, hagd, interp, models, pie, servers, toys, train
 from backend.errors import UserError
 from backend.settings import Settings
 
-FAMILIES = (models, pie, graphs, edges, train, interp, servers)
+FAMILIES = (models, pie, graphs, edges, train, toys, interp, hagd, servers)
 
 
 def build_parser() -> argparse.ArgumentParser:

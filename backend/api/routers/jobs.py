@@ -26,6 +26,8 @@ def job_out(job: Job, reused: bool = False) -> JobOut:
         links["edge_circuit"] = f"/api/edge-circuits/{job.edge_circuit_id}"
     if job.edge_sweep_id is not None:
         links["edge_sweep"] = f"/api/edge-sweeps/{job.edge_sweep_id}"
+    if job.hierarchy_id is not None:
+        links["hierarchy"] = f"/api/hierarchies/{job.hierarchy_id}"
     out.links = links
     return out
 
