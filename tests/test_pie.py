@@ -254,3 +254,32 @@ def test_sweep_without_the_random_curve_still_counts_active_occurrences(setup):
     counts = _ctx(setup).occ.counts().float()
     assert result.n_active_mean == pytest.approx(float(counts.mean()))
     assert result.rows[0].kl_all_mean is not None
+
+
+@pytest.fixture(scope="module")
+def wide_setup():
+    """~3,000 occurrences per prompt: room for K = 400, 800, 1600 below the active count."""
+    return pie_setup("llama", n_prompts=3, n_features=128)
+
+
+@pytest.mark.parametrize("k", [100, 200, 400, 800, 1600])
+def test_synergy_keeps_exactly_k_where_the_boundary_exceeds_the_cap(wide_setup, k):
+    """At the paper's defaults (bp 25, cap 32) h = round(K/8) > cap from K = 264 on: the capped
+    window is the cap ranks centred on K, the slots it leaves go by FAP rank."""
+    strategy = METHODS["fap-synergy"]
+    options = strategy.options(None)
+    h, s, c = strategy.boundary(k, options)
+    ctx = _ctx(wide_setup)
+    counts = ctx.occ.counts()
+    assert bool((counts > k + c).all())
+    kept = strategy.select(ctx, k, options)
+    assert torch.equal(torch.bincount(ctx.occ.prompt[kept], minlength=len(counts)), torch.full_like(counts, k))
+    if k >= 400:
+        assert h > options["cap"] and s == 16 and c == 32
+    # The rule: FAP's top K-s are all kept, the other s come from ranks [K-s, K-s+c) only.
+    from backend.circuits.selection.base import segment_rank
+    rank = segment_rank(ctx.runs.fap.abs(), ctx.occ.prompt)
+    assert bool(kept[rank < k - s].all())
+    assert not bool(kept[rank >= k - s + c].any())
+    notes = strategy.selection_notes(k, options)
+    assert notes["candidate_ranks"] == [k - s, k - s + c] and notes["fap_rank_slots"] == h - s
