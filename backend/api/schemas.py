@@ -102,7 +102,7 @@ class CircuitSummary(BaseModel):
     kl_std: float
     kl_ci95: tuple[float, float]
     pred_change_rate: float
-    faithfulness_mean: float
+    faithfulness_mean: float | None
     completeness_mean: float | None
     seconds: float
     graph_keys: list[str] = Field(description="computed attribution graphs: 'all' and/or prompt indices")
