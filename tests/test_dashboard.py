@@ -421,3 +421,11 @@ def test_rating_an_example_saves_one_example_annotation_and_rerating_edits_it(da
     assert len(dash_stack.api.get(f"/api/explanations/{explanation_id}/annotations").json()) == 1
     assert driver.execute_script("return window.__xss") is None
     assert severe_console_entries(driver) == []
+
+
+def test_the_circuits_list_says_which_graphs_a_circuit_has():
+    """The demo stores the graph of prompt 0 (key "0"): the list used to show "graphs 0"."""
+    from frontend_dash.components.views import graphs_label
+    assert graphs_label(["0"]) == "1: prompt 0"
+    assert graphs_label(["0", "3", "all"]) == "3: all prompts; prompts 0, 3"
+    assert graphs_label([]) == "none"

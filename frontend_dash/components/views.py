@@ -53,3 +53,14 @@ def progress_bar(fraction: float, status: str, *, bar_id: dict[str, Any] | str |
 
 def link(text: str, href: str, **kwargs: Any) -> dcc.Link:
     return dcc.Link(text, href=href, **kwargs)
+
+
+def graphs_label(keys: list[str]) -> str:
+    """The computed graphs of a circuit in words. Its keys are "all" and prompt indices, so a
+    graph of prompt 0 alone used to read "graphs 0", as if there were none."""
+    if not keys:
+        return "none"
+    prompts = sorted(int(k) for k in keys if k != "all")
+    parts = (["all prompts"] if "all" in keys else []) + \
+        ([("prompt " if len(prompts) == 1 else "prompts ") + ", ".join(map(str, prompts))] if prompts else [])
+    return f"{len(keys)}: " + "; ".join(parts)
