@@ -24,7 +24,7 @@ from bench._util import PeakMemory, rss_bytes, table  # noqa: E402
 METHODS = ["fap", "activation-magnitude", "random"]
 
 
-def one(n: int, ks: list[int], batch_size: int) -> dict:
+def one(n: int, ks: list[int], batch_size: int, random_clt: bool) -> dict:
     import torch
 
     from backend.circuits.pipeline import SweepConfig, run_sweep
@@ -37,8 +37,13 @@ def one(n: int, ks: list[int], batch_size: int) -> dict:
     torch.set_num_threads(2)
     settings = Settings()
     adapter = load_model(DEMO_MODEL, settings)
-    tc_name, tc_path = resolve_transcoder(f"{DEMO_MODEL}/clt", settings)
-    tc = load_transcoder(tc_path)
+    if random_clt:  # a stand-in of the demo CLT's shape (18 layers x 1024 TopK-32 features: ~10^4 occurrences/prompt)
+        from backend.models.transcoder import Transcoder, TranscoderConfig
+        tc_name = "random TopK-32 CLT, 1024 features per layer"
+        tc = Transcoder.random(TranscoderConfig("clt", adapter.n_layers, adapter.d_model, 1024, "topk", k=32), seed=0)
+    else:
+        tc_name, tc_path = resolve_transcoder(f"{DEMO_MODEL}/clt", settings)
+        tc = load_transcoder(tc_path)
     batch = get_task("ioi").build(adapter.tokenizer, n, seed=0)
     loaded = rss_bytes()
     t0 = time.perf_counter()
@@ -46,7 +51,7 @@ def one(n: int, ks: list[int], batch_size: int) -> dict:
         result = run_sweep(adapter, tc, batch, SweepConfig(methods=METHODS, ks=ks, batch_size=batch_size),
                            model_name=DEMO_MODEL, transcoder_name=tc_name, task_name="ioi")
     peak = max(mem.peaks.values())
-    return {"N": len(batch), "batch size": batch_size, "RSS loaded GiB": loaded / 2**30,
+    return {"N": len(batch), "CLT": tc_name, "active / prompt": result.n_active_mean, "batch size": batch_size, "RSS loaded GiB": loaded / 2**30,
             "peak RSS in sweep GiB": peak / 2**30, "growth over loaded GiB": (peak - loaded) / 2**30,
             "ru_maxrss GiB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30,
             "seconds": time.perf_counter() - t0, "FAP KL at K=100": next(
@@ -58,16 +63,19 @@ def main() -> None:
     parser.add_argument("-n", default="25,100", help="comma-separated numbers of prompts")
     parser.add_argument("--ks", default="50,100,200,400,800")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--random-clt", action="store_true",
+                        help="a random CLT of the demo CLT's shape instead of the trained one")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # the child process: one N, JSON out
     args = parser.parse_args()
     ks = [int(k) for k in args.ks.split(",")]
     if args.one:
-        print(json.dumps(one(args.one, ks, args.batch_size)))
+        print(json.dumps(one(args.one, ks, args.batch_size, args.random_clt)))
         return
     rows = []
     for n in (int(x) for x in args.n.split(",")):
         out = subprocess.run([sys.executable, __file__, "--one", str(n), "--ks", args.ks,
-                              "--batch-size", str(args.batch_size)], capture_output=True, text=True, check=True)
+                              "--batch-size", str(args.batch_size)] + (["--random-clt"] if args.random_clt else []),
+                             capture_output=True, text=True, check=True)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(table(rows[-1:]), flush=True)
     print("\n## Peak memory of the demo sweep by N\n")
