@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from backend.circuits.limits import DEFAULT_TOST_MARGIN, MAX_K
 from backend.errors import InvalidParameterError, NotFoundError, UserError
 from backend.settings import Settings
 
@@ -30,7 +31,6 @@ Progress = Callable[[float, str], None]
 
 # Ranges accepted from clients (the CLI shares them). A request outside -> 422.
 MAX_N = 1000
-MAX_K = 100_000
 MAX_KS = 50
 MAX_METHODS = 20
 MAX_BATCH_SIZE = 256
@@ -98,6 +98,9 @@ class SweepParams(DatasetParams):
     random_curve: bool = True
     batch_size: int = Field(16, ge=1, le=MAX_BATCH_SIZE)
     all_token_kl: bool = False
+    completeness: bool = True
+    tost_margin: float = Field(DEFAULT_TOST_MARGIN, gt=0, le=10,
+                               description="equivalence margin of the effective-budget TOST (nats of last-token KL)")
 
     @field_validator("methods")
     @classmethod
@@ -346,7 +349,8 @@ def sweep_config(params: SweepParams):
                        corruption=params.corruption, grad=params.grad,
                        options={m: dict(o) for m, o in params.options.items()}, seed=params.seed,
                        random_seeds=params.random_seeds, random_curve=params.random_curve,
-                       batch_size=params.batch_size, all_token_kl=params.all_token_kl)
+                       batch_size=params.batch_size, all_token_kl=params.all_token_kl,
+                       completeness=params.completeness, tost_margin=params.tost_margin)
 
 
 def run_prune(context: JobContext, params: PruneParams, progress: Progress | None = None) -> JobOutput:

@@ -24,8 +24,10 @@ from bench._util import PeakMemory, rss_bytes, table  # noqa: E402
 
 from backend.circuits import stats  # noqa: E402
 from backend.circuits.attribution import Attributor  # noqa: E402
+from backend.circuits.limits import DEFAULT_TOST_MARGIN  # noqa: E402
 from backend.circuits.pipeline import SweepConfig, run_sweep  # noqa: E402
 from backend.circuits.plots import plot_kl_vs_k  # noqa: E402
+from backend.cli.pie import budget_row  # noqa: E402
 from backend.models.loading import load_model  # noqa: E402
 from backend.models.registry import DEMO_MODEL  # noqa: E402
 from backend.models.transcoder_files import load_transcoder  # noqa: E402
@@ -62,6 +64,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--random-seeds", type=int, default=3)
     parser.add_argument("--no-synergy", action="store_true")
+    parser.add_argument("--tost-margin", type=float, default=DEFAULT_TOST_MARGIN,
+                        help="effective-budget TOST margin, nats of last-token KL")
     parser.add_argument("--out", default="artifacts/bench")
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -91,8 +95,10 @@ def main() -> None:
         synergy = synergy_seconds = None
         if not args.no_synergy:
             t0 = time.perf_counter()
-            synergy = run_sweep(adapter, tc, batch, SweepConfig(methods=["fap-synergy"], ks=ks, random_curve=False,
-                                batch_size=args.batch_size), progress=progress, **kw)
+            # FAP again (cheap) so that the sweep itself runs FAP at round(K') and 1.5 K for the TOST.
+            synergy = run_sweep(adapter, tc, batch, SweepConfig(methods=["fap", "fap-synergy"], ks=ks,
+                                random_curve=False, batch_size=args.batch_size, tost_margin=args.tost_margin),
+                                progress=progress, **kw)
             synergy_seconds = time.perf_counter() - t0
             report(base, synergy, base_seconds, synergy_seconds, mem, len(batch))
     (out / "pie_ioi.json").write_text(json.dumps({
@@ -104,7 +110,7 @@ def main() -> None:
 
 def report(base, synergy, base_seconds, synergy_seconds, mem, n: int) -> None:
     """Print the tables (once after the base sweep, again with FAP-Synergy)."""
-    rows = list(base.rows) + (list(synergy.rows) if synergy else [])
+    rows = list(base.rows) + ([r for r in synergy.rows if r.method == "fap-synergy"] if synergy else [])
     rks, rkl = [r.k for r in base.random_curve], [r.kl_mean for r in base.random_curve]
     table_rows = []
     for r in sorted(rows, key=lambda r: (r.k, r.method)):
@@ -112,7 +118,7 @@ def report(base, synergy, base_seconds, synergy_seconds, mem, n: int) -> None:
         table_rows.append({"method": r.method, "K": r.k, "KL mean": r.kl_mean, "std": r.kl_std,
                            "95% CI": f"{r.kl_ci95[0]:.3f}-{r.kl_ci95[1]:.3f}", "pred change": r.pred_change_rate,
                            "faithfulness mean": r.faithfulness_mean, "median": r.faithfulness_median,
-                           "compression vs random": comp,
+                           "completeness": r.completeness_mean, "compression vs random": comp,
                            "seconds": r.seconds, "patched fwd / prompt": r.patched_forwards / n,
                            "s / prompt": r.seconds / n})
     print("## KL vs K (last token)\n")
@@ -126,32 +132,32 @@ def report(base, synergy, base_seconds, synergy_seconds, mem, n: int) -> None:
     timing = [{"run": "fap + activation-magnitude + random (+ random curve)", "seconds": base_seconds,
                "target": "<= 300 s"}]
     if synergy:
-        timing.append({"run": "fap-synergy, five budgets", "seconds": synergy_seconds, "target": "<= 2700 s"})
+        timing.append({"run": "fap + fap-synergy, five budgets (+ FAP at round(K') and 1.5 K)",
+                       "seconds": synergy_seconds, "target": "<= 2700 s"})
+        timing.append({"run": "of which fap-synergy's own rows", "seconds": sum(
+            r.seconds for r in synergy.rows if r.method == "fap-synergy"), "target": ""})
     print("## Time\n")
     print(table(timing), "\n")
     print("## Peak RSS while each stage ran (process total, GiB)\n")
     print(table([{"stage": k, "peak RSS GiB": v / 2**30} for k, v in mem.peaks.items()]), "\n")
     if synergy:
-        fap_rows = sorted((r for r in base.rows if r.method == "fap"), key=lambda r: r.k)
-        budget_rows = []
-        for r in sorted(synergy.rows, key=lambda r: r.k):
-            k_eq = stats.effective_budget(r.kl_mean, [x.k for x in fap_rows], [x.kl_mean for x in fap_rows])
-            entry = {"K": r.k, "FAP-Synergy KL": r.kl_mean, "FAP K' with equal KL": k_eq}
-            if k_eq is not None:
-                test = stats.equivalent_budget_test(synergy.per_prompt_kl["fap-synergy"][str(r.k)],
-                                                    {x.k: base.per_prompt_kl["fap"][str(x.k)] for x in fap_rows},
-                                                    k_eq, margin=0.05)
-                entry.update({"TOST vs FAP at K": test["k_base"], "margin": 0.05, "p": test["p_value"],
-                              "equivalent": test["equivalent"]})
-            budget_rows.append(entry)
-        print("## Effective budget of FAP-Synergy against FAP\n")
-        print(table(budget_rows), "\n")
+        fap_rows = {r.k: r.kl_mean for r in synergy.rows if r.method == "fap"}
+        same = all(abs(fap_rows[r.k] - r.kl_mean) < 1e-6 for r in base.rows if r.method == "fap")
+        print(f"## Effective budget of FAP-Synergy against FAP (FAP run at round(K') and at 1.5 K on the same "
+              f"prompts; paired TOST on per-prompt KL, margin {synergy.options['tost_margin']} nats)\n")
+        print(table([budget_row(e) for e in synergy.effective_budget]), "\n")
+        print(f"FAP rows of the two sweeps agree: {same}\n")
+        print("## FAP-Synergy: how each budget was filled\n")
+        print(table([{"K": r.k, **{k: v for k, v in (r.selection or {}).items() if k != "rule"},
+                      "rule": (r.selection or {}).get("rule")} for r in synergy.rows if r.method == "fap-synergy"]),
+              "\n")
     print(PAPER, flush=True)
 
 
 def _merged(base, synergy):
     import dataclasses
-    return dataclasses.replace(base, methods=base.methods + synergy.methods, rows=base.rows + synergy.rows)
+    rows = [r for r in synergy.rows if r.method == "fap-synergy"]
+    return dataclasses.replace(base, methods=base.methods + ["fap-synergy"], rows=base.rows + rows)
 
 
 if __name__ == "__main__":

@@ -125,6 +125,26 @@ def test_sweep_k_out_of_range_is_422(client):
     assert response.status_code == 422 and "K" in detail(response)
 
 
+@pytest.mark.parametrize("margin", [0, -0.1])
+def test_sweep_tost_margin_must_be_positive(client, margin):
+    body = {"kind": "sweep", "params": {"model": TINY_MODEL, "transcoder": TINY_CLT, "task": "ioi",
+                                       "methods": ["fap", "fap-synergy"], "ks": [50], "tost_margin": margin}}
+    response = client.post("/api/jobs", json=body)
+    assert response.status_code == 422 and "tost_margin" in detail(response)
+
+
+def test_one_k_limit_for_the_cli_and_the_api():
+    from backend.circuits.pipeline import validate_k
+    from backend.errors import InvalidParameterError
+    from backend.jobs import MAX_K, PruneParams
+    assert validate_k(MAX_K) == MAX_K
+    with pytest.raises(InvalidParameterError):
+        validate_k(MAX_K + 1)
+    PruneParams(model=TINY_MODEL, transcoder=TINY_CLT, task="ioi", method="fap", k=MAX_K)
+    with pytest.raises(ValueError):
+        PruneParams(model=TINY_MODEL, transcoder=TINY_CLT, task="ioi", method="fap", k=MAX_K + 1)
+
+
 def test_unknown_job_kind_is_422(client):
     response = client.post("/api/jobs", json={"kind": "mine-bitcoin", "params": {}})
     assert response.status_code == 422

@@ -92,8 +92,33 @@ def test_sweep_writes_rows_and_a_plot(capsys, cache_env, tmp_path):
     assert png.stat().st_size > 1000
 
 
+def test_sweep_tests_fap_synergy_at_50_against_fap_run_at_k_prime_and_75(capsys, cache_env, tmp_path):
+    """The acceptance run of issue 10: `sweep --methods fap,fap-synergy --ks 50,100`."""
+    import json
+    out = tmp_path / "sweep.json"
+    code, stdout, err = run(capsys, "sweep", "--model", TINY_MODEL, "--transcoder", TINY_CLT, "--task", "ioi",
+                            "-n", "4", "--methods", "fap,fap-synergy", "--ks", "50,100", "--tost-margin", "0.2",
+                            "--no-random-curve", "--out", str(out))
+    assert code == 0, err
+    data = json.loads(out.read_text())
+    row = next(e for e in data["effective_budget"] if e["method"] == "fap-synergy" and e["k"] == 50)
+    assert row["base"] == "fap" and row["margin"] == 0.2 and row["k_claimed"] == 75
+    assert row["k_equivalent"] is not None and row["k_base"] == round(row["k_equivalent"])
+    for key in ("p_lower", "p_upper", "p_value", "claimed_p_lower", "claimed_p_upper", "claimed_p_value"):
+        assert 0.0 <= row[key] <= 1.0, key
+    ran_75 = data["budget_runs_kl"]["75"]
+    assert row["base_kl_at_k_claimed"] == pytest.approx(sum(ran_75) / len(ran_75))
+    at_k_base = data["budget_runs_kl"].get(str(row["k_base"])) or data["per_prompt_kl"]["fap"][str(row["k_base"])]
+    assert row["base_kl_at_k_base"] == pytest.approx(sum(at_k_base) / len(at_k_base))
+    assert "Effective budget against fap" in stdout and "TOST p" in stdout
+    code, _, err = run(capsys, "sweep", "--model", TINY_MODEL, "--transcoder", TINY_CLT, "--task", "ioi",
+                       "-n", "2", "--methods", "fap", "--ks", "5", "--tost-margin", "-1")
+    assert code == 2 and "--tost-margin" in err and len(err.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize("argv, needle", [
     (("--method", "fap", "--k", "0"), "K must be"),
+    (("--method", "fap", "--k", "100001"), "K must be a whole number from 1 to 100000"),
     (("--method", "nope", "--k", "5"), "unknown method 'nope'"),
     (("--method", "fap", "--k", "5", "--options", "{oops"), "--options"),
 ])

@@ -18,7 +18,7 @@ from frontend_dash.components.feature_views import (EXAMPLE_RATING, example_labe
 from frontend_dash.components.graph_figure import (aggregate_figure, clicked_feature, edge_traces, graph_figure,
                                                    graph_key_label, layout_prompt_nodes, stored_graphs)
 from frontend_dash.components.job_form import interp_request, job_requests, parse_budgets
-from frontend_dash.components.kl_figure import compression_rows, kl_vs_k_figure
+from frontend_dash.components.kl_figure import budget_rows, compression_rows, kl_vs_k_figure, point_rows
 from tests.browser import SCREENSHOTS, dash_stack, driver, severe_console_entries, tiny_cache  # noqa: F401
 
 XSS = '<script>window.__xss=1</script><img src="x" onerror="window.__xss=1">'
@@ -156,6 +156,22 @@ def test_kl_vs_k_figure_has_bands_log_axis_random_curve_and_compression_labels()
     rows = compression_rows(_sweep())
     assert rows[1] == {"method": "fap", "k": 100, "kl_mean": 1.1, "effective_compression": 40.0}
     assert rows[3]["effective_compression"] is None
+
+
+def test_sweep_tables_show_completeness_and_the_effective_budget_tests():
+    sweep = _sweep()
+    sweep["rows"][0] = {**sweep["rows"][0], "completeness_mean": 0.3, "selection": {"rule": "top 44 + best 6"}}
+    sweep["effective_budget"] = [
+        {"method": "random", "k": 50, "base": "fap", "kl_mean": 2.0, "k_equivalent": 50.0,
+         "k_equivalent_bound": "at_most", "k_base": 50, "k_claimed": 75, "margin": 0.05, "base_kl_at_k_base": 1.3,
+         "p_lower": 0.9, "p_upper": 0.001, "p_value": 0.9, "equivalent": False, "base_kl_at_k_claimed": 1.2,
+         "claimed_p_lower": 0.01, "claimed_p_upper": 0.02, "claimed_p_value": 0.02, "claimed_equivalent": True}]
+    points = point_rows(sweep)
+    assert points[0]["completeness_mean"] == 0.3 and points[0]["selection"] == "top 44 + best 6"
+    assert points[1]["completeness_mean"] is None and points[1]["effective_compression"] == 40.0
+    (row,) = budget_rows(sweep)
+    assert row["k_equivalent"] == "≤ 50" and row["equivalent"] == "no" and row["claimed_equivalent"] == "yes"
+    assert (row["k_claimed"], row["base_kl_at_k_claimed"], row["claimed_p_value"]) == (75, 1.2, 0.02)
 
 
 def test_compare_shared_unique_features_and_per_prompt_kl():
@@ -557,3 +573,11 @@ def test_harvest_explain_and_score_one_feature_from_its_page(dash_stack, driver)
     assert driver.find_elements(By.CSS_SELECTOR, ".pie-example[data-split='holdout'] input[value='2']")
     _screenshot(driver, "feature_harvested_from_its_page")
     assert severe_console_entries(driver) == []
+
+
+def test_the_circuits_list_says_which_graphs_a_circuit_has():
+    """The demo stores the graph of prompt 0 (key "0"): the list used to show "graphs 0"."""
+    from frontend_dash.components.views import graphs_label
+    assert graphs_label(["0"]) == "1: prompt 0"
+    assert graphs_label(["0", "3", "all"]) == "3: all prompts; prompts 0, 3"
+    assert graphs_label([]) == "none"

@@ -254,3 +254,125 @@ def test_sweep_without_the_random_curve_still_counts_active_occurrences(setup):
     counts = _ctx(setup).occ.counts().float()
     assert result.n_active_mean == pytest.approx(float(counts.mean()))
     assert result.rows[0].kl_all_mean is not None
+
+
+@pytest.fixture(scope="module")
+def wide_setup():
+    """~3,000 occurrences per prompt: room for K = 400, 800, 1600 below the active count."""
+    return pie_setup("llama", n_prompts=3, n_features=128)
+
+
+@pytest.mark.parametrize("k", [100, 200, 400, 800, 1600])
+def test_synergy_keeps_exactly_k_where_the_boundary_exceeds_the_cap(wide_setup, k):
+    """At the paper's defaults (bp 25, cap 32) h = round(K/8) > cap from K = 264 on: the capped
+    window is the cap ranks centred on K, the slots it leaves go by FAP rank."""
+    strategy = METHODS["fap-synergy"]
+    options = strategy.options(None)
+    h, s, c = strategy.boundary(k, options)
+    ctx = _ctx(wide_setup)
+    counts = ctx.occ.counts()
+    assert bool((counts > k + c).all())
+    kept = strategy.select(ctx, k, options)
+    assert torch.equal(torch.bincount(ctx.occ.prompt[kept], minlength=len(counts)), torch.full_like(counts, k))
+    if k >= 400:
+        assert h > options["cap"] and s == 16 and c == 32
+    # The rule: FAP's top K-s are all kept, the other s come from ranks [K-s, K-s+c) only.
+    from backend.circuits.selection.base import segment_rank
+    rank = segment_rank(ctx.runs.fap.abs(), ctx.occ.prompt)
+    assert bool(kept[rank < k - s].all())
+    assert not bool(kept[rank >= k - s + c].any())
+    notes = strategy.selection_notes(k, options)
+    assert notes["candidate_ranks"] == [k - s, k - s + c] and notes["fap_rank_slots"] == h - s
+
+
+KW = dict(model_name="tiny", transcoder_name="tiny-clt", task_name="ioi")
+
+
+def test_effective_budget_runs_the_base_method_at_k_prime_and_at_1_5_k(setup):
+    """The base method (FAP) really runs at round(K') and round(1.5 K): its per-prompt KL there
+    equals a direct FAP prune at that K, and the TOST is the paired test of those numbers."""
+    from backend.circuits.stats import paired_tost
+    config = SweepConfig(methods=["fap", "fap-signal"], ks=[2, 50, 200], batch_size=4, random_curve=False,
+                         options={"fap-signal": {"gamma": 0.5}}, tost_margin=1e-5)
+    result = run_sweep(setup.adapter, setup.transcoder, setup.batch, config, **KW)
+    rows = {e["k"]: e for e in result.effective_budget}
+    assert set(rows) == {2, 50, 200} and all(e["method"] == "fap-signal" and e["base"] == "fap" for e in rows.values())
+    off_grid = {e["k_base"] for e in rows.values()} - {2, 50, 200}
+    assert off_grid, "no K' off the grid: the test would not exercise the second pass"
+    assert rows[50]["k_claimed"] == 75 and rows[200]["k_claimed"] == 300
+    assert {r.k for r in result.budget_runs} == off_grid | {3, 75, 300}
+    for e in rows.values():
+        for k_run, mean_key in ((e["k_base"], "base_kl_at_k_base"), (e["k_claimed"], "base_kl_at_k_claimed")):
+            direct = run_prune(setup.adapter, setup.transcoder, setup.batch,
+                               PruneConfig(method="fap", k=k_run, completeness=False, all_token_kl=False), **KW)
+            direct_kl = [p.kl_last for p in direct.prompts]
+            ran = result.budget_runs_kl.get(str(k_run)) or result.per_prompt_kl["fap"][str(k_run)]
+            assert ran == pytest.approx(direct_kl, rel=1e-5, abs=1e-9)
+            assert e[mean_key] == pytest.approx(direct.kl.mean, rel=1e-5, abs=1e-9)
+        a = result.per_prompt_kl["fap-signal"][str(e["k"])]
+        base_at = result.budget_runs_kl.get(str(e["k_base"])) or result.per_prompt_kl["fap"][str(e["k_base"])]
+        tost = paired_tost(a, base_at, 1e-5)
+        assert (e["p_lower"], e["p_upper"], e["p_value"]) == (tost["p_lower"], tost["p_upper"], tost["p_value"])
+        assert e["margin"] == 1e-5
+    k_prime_row = next(e for e in rows.values() if e["k_base"] in off_grid)
+    fap_rows = sorted((r for r in result.rows if r.method == "fap"), key=lambda r: r.k)
+    from backend.circuits.stats import effective_budget
+    assert k_prime_row["k_equivalent"] == effective_budget(k_prime_row["kl_mean"], [r.k for r in fap_rows],
+                                                           [r.kl_mean for r in fap_rows])
+
+
+def test_a_bad_tost_margin_is_a_clear_error(setup):
+    with pytest.raises(InvalidParameterError, match="TOST margin"):
+        run_sweep(setup.adapter, setup.transcoder, setup.batch,
+                  SweepConfig(methods=["fap"], ks=[3], tost_margin=0.0), **KW)
+
+
+def test_sweep_equals_a_direct_evaluation_of_every_point(setup):
+    """Every number of a batched two-pass sweep (rows, completeness, random curve) is what one
+    evaluation of all prompts at once gives for that method and K."""
+    from backend.circuits.pipeline import random_grid
+    methods, ks = ["fap", "random", "activation-magnitude"], [3, 10]
+    result = run_sweep(setup.adapter, setup.transcoder, setup.batch,
+                       SweepConfig(methods=methods, ks=ks, random_seeds=2, batch_size=4), **KW)
+    ctx = _ctx(setup)
+    seeds = {"random": [0, 1]}
+
+    def direct(name, k, completeness):
+        masks = [METHODS[name].select(ctx, k, METHODS[name].options({"seed": s} if s is not None else None))
+                 for s in seeds.get(name, [None])]
+        res = ctx.evaluator.evaluate(ctx.runs, masks, completeness=completeness)
+        kl = torch.stack([r.kl_last for r in res]).mean(0)
+        comp = torch.stack([r.completeness for r in res]).nanmean(0) if completeness else None
+        return kl, comp
+
+    for row in result.rows:
+        kl, comp = direct(row.method, row.k, True)
+        assert result.per_prompt_kl[row.method][str(row.k)] == pytest.approx(kl.tolist(), rel=1e-5, abs=1e-9)
+        assert row.completeness_mean == pytest.approx(float(comp.nanmean()), rel=1e-5, abs=1e-9)
+    grid = random_grid(ks, int(ctx.occ.counts().max()))
+    assert [r.k for r in result.random_curve] == grid
+    for row in result.random_curve:
+        kl, _ = direct("random", row.k, False)
+        assert row.kl_mean == pytest.approx(float(kl.mean()), rel=1e-5, abs=1e-9)
+
+
+def test_a_sweep_holds_one_batch_of_runs_at_a_time(setup, monkeypatch):
+    """Memory independent of N: when a batch is prepared, no earlier batch's runs (with their
+    dense [L, B, T, d] sum of Delta-writes) are still alive."""
+    import gc
+    import weakref
+    alive: list[weakref.ref] = []
+    prepare = Attributor.prepare
+
+    def tracked(self, batch, offset=0):
+        gc.collect()
+        assert not [r for r in alive if r() is not None], "an earlier batch's runs are still referenced"
+        runs = prepare(self, batch, offset)
+        alive.append(weakref.ref(runs))
+        return runs
+
+    monkeypatch.setattr(Attributor, "prepare", tracked)
+    run_sweep(setup.adapter, setup.transcoder, setup.batch,
+              SweepConfig(methods=["fap", "fap-signal"], ks=[2, 50], batch_size=2, random_curve=False,
+                          options={"fap-signal": {"gamma": 0.5}}), **KW)
+    assert len(alive) == 2 * 3  # two passes over three batches (the second for FAP at round(K'))

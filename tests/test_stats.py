@@ -13,7 +13,8 @@ from backend.circuits.stats import (
     bootstrap_ci,
     effective_budget,
     effective_compression,
-    equivalent_budget_test,
+    effective_budget_plan,
+    effective_budget_tests,
     interpolate_k_for_value,
     paired_tost,
     summarize,
@@ -215,17 +216,56 @@ def test_effective_budget():
     assert effective_budget(0.1, base_ks, base_kl) is None
 
 
-def test_equivalent_budget_test_picks_nearest_in_log_space():
-    rng = np.random.default_rng(3)
-    base = {k: rng.normal(1.0 / k, 0.2, size=40) for k in (50, 100, 200, 400)}
-    a = base[200] + rng.normal(0.0, 0.01, size=40)
-    # 150 is nearer 200 than 100 in log K (log 1.33 < log 1.5)
-    r = equivalent_budget_test(a, base, 150.0, margin=0.1)
-    assert r["k_base"] == 200
-    assert r["equivalent"] is True and r["p_value"] < 0.05
-    direct = paired_tost(a, base[200], 0.1)
-    assert r["p_value"] == direct["p_value"] and r["mean_diff"] == direct["mean_diff"]
-    # 130 is nearer 100 in log K; base at 100 is a different sample, so not equivalent
-    r100 = equivalent_budget_test(a, base, 130.0, margin=0.1)
-    assert r100["k_base"] == 100
-    assert r100["equivalent"] is False
+def _t3_cdf(t: float) -> float:
+    """Student's t CDF with 3 degrees of freedom, in closed form (no scipy)."""
+    x = t / math.sqrt(3)
+    return 0.5 + (x / (1 + x * x) + math.atan(x)) / math.pi
+
+
+def test_paired_tost_against_a_hand_computed_example():
+    # d = a - b = [-0.05, 0.1, -0.05, 0.1]: mean 0.025, sd sqrt(0.0225 / 3), se = sd / 2, df = 3.
+    a, b = [1.0, 1.2, 0.9, 1.1], [1.05, 1.1, 0.95, 1.0]
+    se = math.sqrt(0.0225 / 3) / 2
+    p_lower = 1 - _t3_cdf((0.025 + 0.2) / se)   # H0: mean(d) <= -0.2
+    p_upper = _t3_cdf((0.025 - 0.2) / se)       # H0: mean(d) >= +0.2
+    r = paired_tost(a, b, margin=0.2)
+    assert r["mean_diff"] == pytest.approx(0.025, abs=1e-12)
+    assert r["p_lower"] == pytest.approx(p_lower, rel=1e-9)
+    assert r["p_upper"] == pytest.approx(p_upper, rel=1e-9)
+    assert r["p_value"] == pytest.approx(max(p_lower, p_upper), rel=1e-9)
+    assert 0.01 < r["p_value"] < 0.05 and r["equivalent"] is True
+    # With a margin of 0.1 the upper test fails: (0.025 - 0.1) / se = -1.73, p ~ 0.09.
+    narrow = paired_tost(a, b, margin=0.1)
+    assert narrow["p_upper"] == pytest.approx(_t3_cdf((0.025 - 0.1) / se), rel=1e-9)
+    assert narrow["equivalent"] is False
+
+
+def test_effective_budget_plan_reads_k_prime_and_the_claimed_budget():
+    base_ks, base_kl = [50, 100, 200], [1.33, 1.13, 0.85]
+    plan = effective_budget_plan(1.0, 50, base_ks, base_kl)
+    t = (1.13 - 1.0) / (1.13 - 0.85)
+    assert plan["k_equivalent"] == pytest.approx(100 * 2 ** t)
+    assert plan["k_base"] == round(100 * 2 ** t) == 138
+    assert plan["k_claimed"] == 75 and plan["k_equivalent_bound"] == "interpolated"
+    worse = effective_budget_plan(1.5, 100, base_ks, base_kl)       # worse than the base at 50
+    assert worse["k_equivalent"] == 50.0 and worse["k_base"] == 50 and worse["k_equivalent_bound"] == "at_most"
+    assert worse["k_claimed"] == 150
+    better = effective_budget_plan(0.5, 50, base_ks, base_kl)      # better than the base anywhere
+    assert better["k_equivalent"] is None and better["k_base"] is None
+    assert better["k_equivalent_bound"] == "beyond_grid"
+
+
+def test_effective_budget_tests_run_the_tost_at_the_planned_budgets():
+    a, b = [1.0, 1.2, 0.9, 1.1], [1.05, 1.1, 0.95, 1.0]
+    base = {138: b, 75: [x + 0.3 for x in b]}
+    plan = {"k_equivalent": 137.9, "k_equivalent_bound": "interpolated", "k_base": 138, "k_claimed": 75}
+    r = effective_budget_tests(a, base, plan, margin=0.2)
+    direct = paired_tost(a, b, 0.2)
+    assert r["base_kl_at_k_base"] == pytest.approx(float(np.mean(b)))
+    for f in ("mean_diff", "p_lower", "p_upper", "p_value", "equivalent"):
+        assert r[f] == direct[f]
+    assert r["claimed_mean_diff"] == pytest.approx(0.025 - 0.3)
+    assert r["claimed_equivalent"] is False and r["margin"] == 0.2 and r["n"] == 4
+    none = effective_budget_tests(a, base, {**plan, "k_equivalent": None, "k_base": None}, margin=0.2)
+    assert none["p_value"] is None and none["base_kl_at_k_base"] is None
+    assert none["claimed_p_value"] is not None

@@ -185,3 +185,30 @@ def test_mark_interrupted_fails_only_unfinished_jobs(sessions):
         assert by_hash["0"].status == by_hash["1"].status == "failed"
         assert by_hash["1"].error == queries.INTERRUPTED
         assert by_hash["2"].status == "done" and by_hash["3"].error is None
+
+
+def test_an_undefined_faithfulness_mean_is_stored_not_a_failed_job(sessions):
+    """Corrupted = clean: no occurrence differs, M_none = M_clean on every prompt, so no
+    faithfulness ratio is defined and the means are None. Storing the circuit and the sweep (and
+    listing them through the API schema) must work, instead of failing after all the compute."""
+    import dataclasses
+
+    from backend.api.routers.results import _circuit_fields
+    from backend.api.schemas import CircuitSummary
+    from backend.circuits.pipeline import PruneConfig, SweepConfig, run_prune, run_sweep
+    from tests.pie_fixtures import pie_setup
+    s = pie_setup("llama", n_prompts=2)
+    batch = dataclasses.replace(s.batch, corrupted_ids=s.batch.clean_ids.clone())
+    kw = dict(model_name="tiny-llama", transcoder_name="tiny-llama/clt", task_name="ioi")
+    circuit = run_prune(s.adapter, s.transcoder, batch, PruneConfig(method="fap", k=3), **kw)
+    sweep = run_sweep(s.adapter, s.transcoder, batch, SweepConfig(methods=["fap"], ks=[3]), **kw)
+    assert circuit.faithfulness_mean is None and sweep.rows[0].faithfulness_mean is None
+    with transaction(sessions) as session:
+        model, tc, ds = _inputs(session)
+        circuit_id = queries.save_circuit(session, circuit, "5" * 64, model, tc, ds).id
+        sweep_id = queries.save_sweep(session, sweep, "6" * 64, model, tc, ds).id
+    with sessions() as session:
+        row = queries.get_circuit(session, circuit_id)
+        assert queries.circuit_result(row).faithfulness_mean is None
+        assert CircuitSummary(**_circuit_fields(row)).faithfulness_mean is None
+        assert [p.faithfulness_mean for p in queries.get_sweep(session, sweep_id).points] == [None] * 2

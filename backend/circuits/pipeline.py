@@ -20,6 +20,7 @@ import torch
 
 from backend.circuits import stats
 from backend.circuits.attribution import Attributor, PromptRuns
+from backend.circuits.limits import DEFAULT_TOST_MARGIN, MAX_K
 from backend.circuits.evaluation import Evaluator, PromptMetrics
 from backend.circuits.results import (AggregatedFeature, Circuit, FeatureOccurrence, PromptCircuit,
                                       SweepResult, SweepRow)
@@ -30,7 +31,6 @@ from backend.models.transcoder import Transcoder
 from backend.tasks import PromptBatch
 
 Progress = Callable[[float, str], None]
-MAX_K = 1_000_000
 
 
 def _no_progress(fraction: float, message: str) -> None:
@@ -64,7 +64,8 @@ class SweepConfig:
     random_curve: bool = True
     batch_size: int = 16
     all_token_kl: bool = False
-    tost_margin: float = 0.05
+    completeness: bool = True
+    tost_margin: float = DEFAULT_TOST_MARGIN
 
 
 def validate_k(k: int) -> int:
@@ -122,17 +123,21 @@ def run_prune(adapter: ModelAdapter, transcoder: Transcoder, batch: PromptBatch,
         forwards += runs.counters["patched_forwards"]
     progress(1.0, "done")
     kl = np.array([p.kl_last for p in prompts])
-    faith = np.array([p.faithfulness for p in prompts], dtype=float)
+    faith = [p.faithfulness for p in prompts]
     completeness = [p.completeness for p in prompts if p.completeness is not None]
     return Circuit(
         model=model_name, transcoder=transcoder_name, task=task_name, method=config.method, k=config.k,
-        budget=config.budget, corruption=config.corruption, options={**options, "grad": config.grad},
+        budget=config.budget, corruption=config.corruption,
+        options={**options, "grad": config.grad, **_selection(method.selection_notes(config.k, options))},
         prompts=prompts, features=_aggregate(prompts), kl=stats.summarize(kl, seed=config.seed),
         pred_change_rate=float(np.mean([p.pred_changed for p in prompts])),
-        faithfulness_mean=_nan_to_none(np.nanmean(faith)) if np.isfinite(faith).any() else None,
-        completeness_mean=_nan_to_none(np.nanmean(np.array(completeness, dtype=float))) if completeness else None,
+        faithfulness_mean=_nan_stat(faith, np.nanmean), completeness_mean=_nan_stat(completeness, np.nanmean),
         seconds=time.perf_counter() - start_time,
         cost={"patched_forwards": forwards, "n_prompts": len(prompts)})
+
+
+def _selection(notes: dict[str, Any]) -> dict[str, Any]:
+    return {"selection": notes} if notes else {}
 
 
 def _prompt_circuits(adapter: ModelAdapter, runs: PromptRuns, kept: torch.Tensor, m: PromptMetrics,
@@ -179,6 +184,9 @@ def _aggregate(prompts: list[PromptCircuit]) -> list[AggregatedFeature]:
 # ---------------------------------------------------------------------------------------------
 # sweep
 
+# The paper's claim that an effective-budget test checks: FAP-Synergy at K=50 matches FAP at K=75.
+CLAIMED_RATIO = 1.5
+
 
 @dataclass
 class _Point:
@@ -188,14 +196,29 @@ class _Point:
     kl_all: list[float] = field(default_factory=list)
     pred: list[float] = field(default_factory=list)
     faith: list[float] = field(default_factory=list)
+    completeness: list[float] = field(default_factory=list)
     seconds: float = 0.0
     forwards: int = 0
+
+
+def base_method(methods: list[str]) -> str:
+    """The method every other one is compared with for effective budgets: FAP, else the first."""
+    return "fap" if "fap" in methods else methods[0]
 
 
 def run_sweep(adapter: ModelAdapter, transcoder: Transcoder, batch: PromptBatch, config: SweepConfig, *,
               model_name: str, transcoder_name: str, task_name: str,
               progress: Progress | None = None) -> SweepResult:
-    """KL-vs-K for several methods on the same prompts, plus the random-from-active curve."""
+    """KL-vs-K for several methods on the same prompts, the random-from-active curve, and every
+    method's effective budget against the base method (`base_method`).
+
+    Two passes over the batches, each holding one batch's runs at a time, so memory does not
+    grow with the number of prompts. The first evaluates every (method, K) and the base method
+    at round(1.5 K). The second, when needed, prepares each batch again (the same deterministic
+    runs) for what depends on the whole first pass: the base method at round(K'), K' read off its
+    mean KL curve, and the random-from-active curve, whose grid reaches the largest active count
+    of any prompt.
+    """
     progress = progress or _no_progress
     if not config.methods:
         raise InvalidParameterError("a sweep needs at least one method")
@@ -208,57 +231,121 @@ def run_sweep(adapter: ModelAdapter, transcoder: Transcoder, batch: PromptBatch,
         raise InvalidParameterError(f"options given for method(s) not in the sweep: {', '.join(sorted(unknown))}")
     if config.random_seeds <= 0:
         raise InvalidParameterError("random_seeds must be at least 1")
+    if not (isinstance(config.tost_margin, (int, float)) and math.isfinite(config.tost_margin)
+            and config.tost_margin > 0):
+        raise InvalidParameterError(f"the TOST margin must be a positive number of nats, not {config.tost_margin}")
     attr = Attributor(adapter, transcoder, config.corruption, config.grad)
     evaluator = Evaluator(attr)
     start_time = time.perf_counter()
+    base = base_method(config.methods)
+    compared = [m for m in config.methods if m != base]
+    claimed = sorted({_claimed_budget(k) for k in ks} - set(ks)) if compared else []
     points: dict[tuple[str, int], _Point] = defaultdict(_Point)
-    kept_runs: list[PromptRuns] = []
+    extra: dict[int, _Point] = defaultdict(_Point)      # the base method off the grid, for effective budgets
     n_active: list[int] = []
     kl_none: list[float] = []
-    prep_seconds = 0.0
-    n_steps = len(range(0, len(batch), config.batch_size)) * (len(config.methods) + 1)
-    step = 0
-    for start, part in _batches(batch, config.batch_size):
+    prep = {"seconds": 0.0}
+    batches = list(_batches(batch, config.batch_size))
+    first_share = 0.95 if config.random_curve or compared else 1.0
+
+    none: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # per batch: M and KL with nothing kept ([B] each)
+
+    def prepared(start: int, part: PromptBatch) -> SelectionContext:
         t0 = time.perf_counter()
-        progress(step / n_steps, f"attributing prompts {start + 1}-{start + len(part)} of {len(batch)}")
         runs = attr.prepare(part, offset=start)
-        n_active += runs.occ.counts().tolist()
-        kl_none += _kl_none(evaluator, runs)
-        prep_seconds += time.perf_counter() - t0
+        if start in none:  # the second pass: no need to run "nothing kept" again
+            runs.m_none, runs.none_kl = none[start]
+        prep["seconds"] += time.perf_counter() - t0
+        return SelectionContext(runs, attr, evaluator, config.budget, config.seed)
+
+    def evaluate(ctx: SelectionContext, name: str, k: int, point: _Point, seeds: list[int | None],
+                 full: bool) -> None:
+        """Accumulate (name, k) on this batch; ``full``: a sweep row (all-token KL and completeness
+        as configured), else KL only (the random curve, the effective-budget runs)."""
+        t0 = time.perf_counter()
+        runs = ctx.runs
+        before = runs.counters["patched_forwards"]
+        opts = options.get(name, {})
+        masks = [METHODS[name].select(ctx, k, {**opts, **({"seed": s} if s is not None else {})}) for s in seeds]
+        _accumulate(point, evaluator.evaluate(runs, masks, all_token=full and config.all_token_kl,
+                                              completeness=full and config.completeness))
+        point.seconds += time.perf_counter() - t0
+        point.forwards += runs.counters["patched_forwards"] - before
+
+    def seeds_of(name: str) -> list[int | None]:
+        return list(range(config.random_seeds)) if name == "random" else [None]
+
+    # Pass 1: every (method, K), and the base method at round(1.5 K).
+    steps = len(batches) * (len(config.methods) + 1 + bool(claimed))
+    step = 0
+    for start, part in batches:
+        progress(first_share * step / steps, f"attributing prompts {start + 1}-{start + len(part)} of {len(batch)}")
+        ctx = prepared(start, part)
+        n_active += ctx.occ.counts().tolist()
+        kl_none += _kl_none(evaluator, ctx.runs)
+        none[start] = (ctx.runs.m_none, ctx.runs.none_kl)
         step += 1
-        ctx = SelectionContext(runs, attr, evaluator, config.budget, config.seed)
         for name in config.methods:
-            progress(step / n_steps, f"{name} on prompts {start + 1}-{start + len(part)}")
-            seeds = range(config.random_seeds) if name == "random" else [None]
+            progress(first_share * step / steps, f"{name} on prompts {start + 1}-{start + len(part)}")
             for k in ks:
-                t1 = time.perf_counter()
-                before = runs.counters["patched_forwards"]
-                masks = [METHODS[name].select(ctx, k, {**options[name], **({"seed": s} if s is not None else {})})
-                         for s in seeds]
-                results = evaluator.evaluate(runs, masks, all_token=config.all_token_kl)
-                _accumulate(points[(name, k)], results)
-                points[(name, k)].seconds += time.perf_counter() - t1
-                points[(name, k)].forwards += runs.counters["patched_forwards"] - before
+                evaluate(ctx, name, k, points[(name, k)], seeds_of(name), full=True)
             step += 1
-        if config.random_curve:
-            kept_runs.append(runs)
-    rows = [_row(name, k, points[(name, k)], config.seed) for name in config.methods for k in ks]
-    # The curve reuses the random method's budgets when the sweep has them (same seeds, same prompts).
+        if claimed:
+            progress(first_share * step / steps, f"{base} at 1.5 K on prompts {start + 1}-{start + len(part)}")
+            for k in claimed:
+                evaluate(ctx, base, k, extra[k], seeds_of(base), full=False)
+            step += 1
+        del ctx  # nothing of a batch outlives it
+    rows = [_row(name, k, points[(name, k)], config.seed, METHODS[name].selection_notes(k, options[name]))
+            for name in config.methods for k in ks]
+    base_rows = [r for r in rows if r.method == base]
+    plans = {(r.method, r.k): stats.effective_budget_plan(r.kl_mean, r.k, [b.k for b in base_rows],
+                                                          [b.kl_mean for b in base_rows], CLAIMED_RATIO)
+             for r in rows if r.method != base}
+    at_k_equivalent = sorted({p["k_base"] for p in plans.values() if p["k_base"] is not None}
+                             - set(ks) - set(claimed))
+    # Pass 2: the base method at round(K') and the random-from-active curve.
     done = {k: points[("random", k)] for k in ks} if "random" in config.methods else {}
-    random_curve = _random_curve(attr, evaluator, kept_runs, ks, config, progress, done) if config.random_curve else []
+    curve: dict[int, _Point] = defaultdict(_Point, done)
+    grid = random_grid(ks, max(n_active)) if config.random_curve else []
+    curve_ks = [k for k in grid if k not in done]
+    if at_k_equivalent or curve_ks:
+        for i, (start, part) in enumerate(batches):
+            what = " and ".join(([f"{base} at K'"] if at_k_equivalent else [])
+                                + (["random-from-active curve"] if curve_ks else []))
+            progress(first_share + (1 - first_share) * i / len(batches),
+                     f"{what} on prompts {start + 1}-{start + len(part)}")
+            ctx = prepared(start, part)
+            for k in at_k_equivalent:
+                evaluate(ctx, base, k, extra[k], seeds_of(base), full=False)
+            for k in curve_ks:
+                evaluate(ctx, "random", k, curve[k], seeds_of("random"), full=False)
+            del ctx
+    random_curve = [_row("random", k, curve[k], config.seed) for k in grid]
     progress(1.0, "done")
     per_prompt = {name: {str(k): points[(name, k)].kl for k in ks} for name in config.methods}
+    base_kl = {**{k: per_prompt[base][str(k)] for k in ks}, **{k: p.kl for k, p in extra.items()}}
     return SweepResult(
         model=model_name, transcoder=transcoder_name, task=task_name, n_prompts=len(batch),
         corruption=config.corruption, methods=list(config.methods), ks=ks, rows=rows, random_curve=random_curve,
         effective_compression=_compression(rows, random_curve),
-        effective_budget=_effective_budgets(rows, per_prompt, config),
+        effective_budget=[{"method": r.method, "k": r.k, "base": base, "kl_mean": r.kl_mean}
+                          | stats.effective_budget_tests(per_prompt[r.method][str(r.k)], base_kl,
+                                                         plans[(r.method, r.k)], config.tost_margin)
+                          for r in rows if r.method != base],
         per_prompt_kl=per_prompt,
         n_active_mean=float(np.mean(n_active)),
         kl_none_mean=float(np.mean(kl_none)), seconds=time.perf_counter() - start_time,
         options={"budget": config.budget, "grad": config.grad, "seed": config.seed,
                  "random_seeds": config.random_seeds, "batch_size": config.batch_size,
-                 "method_options": options, "prep_seconds": prep_seconds})
+                 "method_options": options, "prep_seconds": prep["seconds"], "tost_margin": config.tost_margin,
+                 "effective_budget_base": base, "claimed_ratio": CLAIMED_RATIO},
+        budget_runs=[_row(base, k, extra[k], config.seed) for k in sorted(extra)],
+        budget_runs_kl={str(k): extra[k].kl for k in sorted(extra)})
+
+
+def _claimed_budget(k: int) -> int:
+    return max(1, int(round(CLAIMED_RATIO * k)))
 
 
 def _kl_none(evaluator: Evaluator, runs: PromptRuns) -> list[float]:
@@ -273,17 +360,26 @@ def _accumulate(point: _Point, results: list[PromptMetrics]) -> None:
     point.faith += torch.stack([r.faithfulness for r in results]).nanmean(0).tolist()
     if results[0].kl_all is not None:
         point.kl_all += torch.stack([r.kl_all for r in results]).mean(0).tolist()
+    if results[0].completeness is not None:
+        point.completeness += torch.stack([r.completeness for r in results]).nanmean(0).tolist()
 
 
-def _row(name: str, k: int, p: _Point, seed: int) -> SweepRow:
+def _nan_stat(values: list[float], fn) -> float | None:
+    """fn (np.nanmean, np.nanmedian) of per-prompt ratios, None when none is defined."""
+    x = np.array(values, dtype=float)
+    return _nan_to_none(fn(x)) if np.isfinite(x).any() else None
+
+
+def _row(name: str, k: int, p: _Point, seed: int, selection: dict[str, Any] | None = None) -> SweepRow:
     s = stats.summarize(p.kl, seed=seed)
-    faith = np.array(p.faith, dtype=float)
     return SweepRow(method=name, k=k, kl_mean=s.mean, kl_std=s.std, kl_ci95=s.ci95,
                     pred_change_rate=float(np.mean(p.pred)),
-                    faithfulness_mean=_nan_to_none(np.nanmean(faith)) if np.isfinite(faith).any() else None,
+                    faithfulness_mean=_nan_stat(p.faith, np.nanmean),
                     n_prompts=len(p.kl), seconds=p.seconds, patched_forwards=p.forwards,
                     kl_all_mean=float(np.mean(p.kl_all)) if p.kl_all else None,
-                    faithfulness_median=_nan_to_none(np.nanmedian(faith)) if np.isfinite(faith).any() else None)
+                    completeness_mean=_nan_stat(p.completeness, np.nanmean),
+                    faithfulness_median=_nan_stat(p.faith, np.nanmedian),
+                    selection=selection or None)
 
 
 def random_grid(ks: list[int], max_active: int, points: int = 8) -> list[int]:
@@ -291,25 +387,6 @@ def random_grid(ks: list[int], max_active: int, points: int = 8) -> list[int]:
     top = max(max_active, max(ks))
     grid = np.unique(np.round(np.geomspace(min(ks), top, points)).astype(int)).tolist()
     return sorted(set(grid) | set(ks) | {top})
-
-
-def _random_curve(attr: Attributor, evaluator: Evaluator, all_runs: list[PromptRuns], ks: list[int],
-                  config: SweepConfig, progress: Progress, done: dict[int, _Point]) -> list[SweepRow]:
-    max_active = max(int(r.occ.counts().max()) for r in all_runs)
-    grid = random_grid(ks, max_active)
-    method = METHODS["random"]
-    points: dict[int, _Point] = defaultdict(_Point, done)
-    for i, runs in enumerate(all_runs):
-        progress(0.95 + 0.05 * i / len(all_runs), "random-from-active curve")
-        ctx = SelectionContext(runs, attr, evaluator, config.budget, config.seed)
-        for k in (k for k in grid if k not in done):
-            t0 = time.perf_counter()
-            before = runs.counters["patched_forwards"]
-            masks = [method.select(ctx, k, {"seed": s}) for s in range(config.random_seeds)]
-            _accumulate(points[k], evaluator.evaluate(runs, masks))
-            points[k].seconds += time.perf_counter() - t0
-            points[k].forwards += runs.counters["patched_forwards"] - before
-    return [_row("random", k, points[k], config.seed) for k in grid]
 
 
 def _compression(rows: list[SweepRow], random_curve: list[SweepRow]) -> dict[str, dict[str, float | None]]:
@@ -322,23 +399,3 @@ def _compression(rows: list[SweepRow], random_curve: list[SweepRow]) -> dict[str
     for r in rows:
         out[r.method][str(r.k)] = stats.effective_compression(r.kl_mean, r.k, rks, rkl)
     return dict(out)
-
-
-def _effective_budgets(rows: list[SweepRow], per_prompt: dict[str, dict[str, list[float]]],
-                       config: SweepConfig) -> list[dict[str, Any]]:
-    """For each method against FAP (the base), the K' where FAP matches it, with a paired TOST."""
-    base = "fap" if "fap" in config.methods else config.methods[0]
-    base_rows = sorted((r for r in rows if r.method == base), key=lambda r: r.k)
-    base_ks, base_kl = [r.k for r in base_rows], [r.kl_mean for r in base_rows]
-    base_by_k = {r.k: per_prompt[base][str(r.k)] for r in base_rows}
-    out = []
-    for r in rows:
-        if r.method == base:
-            continue
-        k_eq = stats.effective_budget(r.kl_mean, base_ks, base_kl)
-        entry: dict[str, Any] = {"method": r.method, "k": r.k, "base": base, "k_equivalent": k_eq}
-        if k_eq is not None and len(per_prompt[r.method][str(r.k)]) >= 2:
-            entry.update(stats.equivalent_budget_test(per_prompt[r.method][str(r.k)], base_by_k, k_eq,
-                                                      config.tost_margin))
-        out.append(entry)
-    return out

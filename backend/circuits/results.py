@@ -70,7 +70,7 @@ class Circuit:
     features: list[AggregatedFeature]
     kl: Stat
     pred_change_rate: float
-    faithfulness_mean: float
+    faithfulness_mean: float | None  # None when M_clean = M_none on every prompt (undefined ratios)
     completeness_mean: float | None
     seconds: float
     cost: dict[str, float] = field(default_factory=dict)
@@ -98,7 +98,7 @@ class SweepRow:
     kl_std: float
     kl_ci95: tuple[float, float]
     pred_change_rate: float
-    faithfulness_mean: float
+    faithfulness_mean: float | None
     n_prompts: int
     seconds: float
     patched_forwards: int = 0
@@ -106,6 +106,8 @@ class SweepRow:
     completeness_mean: float | None = None
     # A mean of per-prompt ratios is dominated by prompts whose M_clean - M_none is small.
     faithfulness_median: float | None = None
+    # How the method filled K when that is more than "top K by one score" (Strategy.selection_notes).
+    selection: dict[str, Any] | None = None
 
 
 @dataclass
@@ -115,7 +117,15 @@ class SweepResult:
     per_prompt_kl[method][str(k)]: last-token KL per prompt (for paired tests and comparisons).
     random_curve: SweepRows of random selection on a K grid up to all active occurrences.
     effective_compression[method][str(k)]: K_random needed to match the method's KL at K, / K.
-    effective_budget: rows {method, k, base, k_equivalent, margin, p_value, equivalent}.
+    effective_budget: one row per (method A != base, K), `stats.effective_budget_tests`: A's
+      kl_mean; k_equivalent K' where the base method's mean KL curve reaches it (k_equivalent_bound:
+      "interpolated", "at_most" when the base's smallest K already does, "beyond_grid" when none
+      does); the base method *run* at k_base = round(K') and at k_claimed = round(1.5 K) on the
+      same prompts, base_kl_at_k_base / base_kl_at_k_claimed its mean KL there; a paired TOST of
+      A's per-prompt KL against each (margin; p_lower, p_upper, p_value, equivalent, mean_diff;
+      claimed_* for the 1.5 K test).
+    budget_runs: SweepRows of the base method at those budgets when off the grid ks;
+    budget_runs_kl[str(k)]: their per-prompt KL.
     """
 
     model: str
@@ -134,6 +144,8 @@ class SweepResult:
     kl_none_mean: float
     seconds: float
     options: dict[str, Any] = field(default_factory=dict)
+    budget_runs: list[SweepRow] = field(default_factory=list)
+    budget_runs_kl: dict[str, list[float]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -141,6 +153,6 @@ class SweepResult:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> SweepResult:
         data = dict(data)
-        data["rows"] = [SweepRow(**{**r, "kl_ci95": tuple(r["kl_ci95"])}) for r in data["rows"]]
-        data["random_curve"] = [SweepRow(**{**r, "kl_ci95": tuple(r["kl_ci95"])}) for r in data["random_curve"]]
+        for key in ("rows", "random_curve", "budget_runs"):
+            data[key] = [SweepRow(**{**r, "kl_ci95": tuple(r["kl_ci95"])}) for r in data.get(key, [])]
         return cls(**data)

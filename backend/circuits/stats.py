@@ -1,7 +1,8 @@
 """Statistics of per-prompt results: bootstrap CIs, paired TOST, effective compression and budget.
 
 DESIGN.md section 5, "Evaluation" (mean, std, bootstrap 95% CI of a per-prompt quantity) and
-"Headline numbers" (effective compression, effective budget backed by a paired TOST).
+"Headline numbers" (effective compression, effective budget backed by a paired TOST at the
+budgets the base method was actually run at).
 
 Pure numpy/scipy. Every function accepts lists or 1-D numpy arrays and returns Python floats.
 """
@@ -159,23 +160,53 @@ def effective_budget(
     return interpolate_k_for_value(base_ks, base_kl, method_a_kl_at_k)
 
 
-def equivalent_budget_test(
-    a_per_prompt: ArrayLike,
-    base_per_prompt_by_k: Mapping[int, ArrayLike],
-    k_equivalent: float,
-    margin: float,
+def effective_budget_plan(
+    method_a_kl_at_k: float, k: int, base_ks: ArrayLike, base_kl: ArrayLike, ratio: float = 1.5
 ) -> dict:
-    """Paired TOST of method A's per-prompt values against the base method's at the evaluated
-    budget nearest (in log K) to ``k_equivalent``; ties go to the smaller budget.
+    """The base-method budgets an effective-budget test must *run* for method A at budget ``k``.
 
-    Returns the ``paired_tost`` dict plus "k_base" (the base budget used).
+    k_equivalent: K' where the base method's mean-KL curve over ``base_ks`` reaches A's mean KL
+    (`effective_budget`); k_equivalent_bound: "interpolated", "at_most" (the base's smallest K
+    already does better: K' <= base_ks[0]) or "beyond_grid" (never reached: K' is None);
+    k_base = round(K') (None with K'); k_claimed = round(ratio * k), the paper's claim
+    (FAP-Synergy at K=50 matches FAP at K=75).
     """
-    if not base_per_prompt_by_k:
-        raise ValueError("base_per_prompt_by_k is empty")
-    if not k_equivalent > 0:
-        raise ValueError(f"k_equivalent must be > 0, got {k_equivalent}")
-    log_eq = math.log(k_equivalent)
-    k_base = min(sorted(base_per_prompt_by_k), key=lambda kb: abs(math.log(kb) - log_eq))
-    result = paired_tost(a_per_prompt, base_per_prompt_by_k[k_base], margin)
-    result["k_base"] = int(k_base)
-    return result
+    k_eq = effective_budget(method_a_kl_at_k, base_ks, base_kl)
+    if k_eq is None:
+        bound = "beyond_grid"
+    elif float(np.asarray(base_kl, dtype=np.float64)[0]) < method_a_kl_at_k:
+        bound = "at_most"
+    else:
+        bound = "interpolated"
+    return {"k_equivalent": k_eq, "k_equivalent_bound": bound,
+            "k_base": None if k_eq is None else max(1, int(round(k_eq))),
+            "k_claimed": max(1, int(round(ratio * k)))}
+
+
+def effective_budget_tests(
+    a_per_prompt: ArrayLike, base_per_prompt_by_k: Mapping[int, ArrayLike], plan: dict, margin: float
+) -> dict:
+    """Paired TOSTs of method A's per-prompt KL at K against the base method's per-prompt KL at
+    the budgets of ``plan`` (`effective_budget_plan`), which must be in ``base_per_prompt_by_k``.
+
+    Returns the plan plus "margin", "n" and, for the test at k_base: "base_kl_at_k_base" (the
+    base's mean KL there), "mean_diff" (A - base), "p_lower", "p_upper", "p_value" (the TOST p,
+    the larger one-sided p), "equivalent" (p < 0.05); the same for k_claimed prefixed
+    "claimed_" ("base_kl_at_k_claimed", "claimed_p_value", ...). A test that cannot run
+    (no K', fewer than 2 prompts) has None in its fields.
+    """
+    a = _as_1d(a_per_prompt, "a_per_prompt")
+    out = {**plan, "margin": float(margin), "n": int(a.size)}
+    for prefix, k_run in (("", plan["k_base"]), ("claimed_", plan["k_claimed"])):
+        kl_key = "base_kl_at_k_base" if not prefix else "base_kl_at_k_claimed"
+        fields = {kl_key: None, **{f"{prefix}{f}": None for f in ("mean_diff", "p_lower", "p_upper", "p_value",
+                                                                     "equivalent")}}
+        if k_run is not None:
+            base = _as_1d(base_per_prompt_by_k[k_run], "base_per_prompt")
+            fields[kl_key] = float(base.mean())
+            if a.size >= 2:
+                test = paired_tost(a, base, margin)
+                fields.update({f"{prefix}{f}": test[f] for f in ("mean_diff", "p_lower", "p_upper", "p_value",
+                                                                 "equivalent")})
+        out.update(fields)
+    return out

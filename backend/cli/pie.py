@@ -11,6 +11,7 @@ from backend.settings import Settings
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     from backend.circuits.attribution import CORRUPTIONS, GRAD_MODES
+    from backend.circuits.limits import DEFAULT_TOST_MARGIN
     from backend.circuits.selection import BUDGETS, METHODS
 
     def pie_args(p: argparse.ArgumentParser) -> None:
@@ -43,6 +44,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ks", default="50,100,200,400,800", help="comma-separated budgets")
     p.add_argument("--options", help="per-method options as JSON, e.g. '{\"fap-synergy\": {\"lam\": 3}}'")
     p.add_argument("--random-seeds", type=int, default=3)
+    p.add_argument("--tost-margin", type=float, default=DEFAULT_TOST_MARGIN,
+                   help="equivalence margin of the effective-budget TOST, in nats of last-token KL "
+                        f"(default {DEFAULT_TOST_MARGIN})")
+    p.add_argument("--no-completeness", action="store_true",
+                   help="skip completeness (one more patched forward per method and K)")
     p.add_argument("--no-random-curve", action="store_true", help="skip the random-from-active curve")
     p.add_argument("--plot", help="write the KL-vs-K plot (PNG) here")
     p.set_defaults(run=cmd_sweep)
@@ -107,13 +113,16 @@ def cmd_sweep(args: argparse.Namespace, settings: Settings) -> None:
         raise UserError(f"--ks must be comma-separated whole numbers, not '{args.ks}'") from None
     for k in ks:
         validate_k(k)
+    if not args.tost_margin > 0:  # NaN fails too
+        raise UserError(f"--tost-margin must be a positive number of nats, not {args.tost_margin}")
     options = parse_options(args.options)
     for name, opts in options.items():
         get_method(name).options(opts)
     adapter, transcoder, tc_name, batch = pie_inputs(args, settings)
     config = SweepConfig(methods=methods, ks=ks, budget=args.budget, corruption=args.corruption, grad=args.grad,
                          options=options, seed=args.seed, random_seeds=args.random_seeds,
-                         batch_size=args.batch_size, random_curve=not args.no_random_curve)
+                         batch_size=args.batch_size, random_curve=not args.no_random_curve,
+                         tost_margin=args.tost_margin, completeness=not args.no_completeness)
     bar, update = progress_bar("sweep")
     with bar:
         result = run_sweep(adapter, transcoder, batch, config, model_name=adapter.name,
@@ -135,8 +144,27 @@ def print_sweep(result) -> None:
                      "95% CI": f"{r.kl_ci95[0]:.3f}-{r.kl_ci95[1]:.3f}", "pred change": r.pred_change_rate,
                      "faithfulness mean": r.faithfulness_mean if r.faithfulness_mean is not None else "",
                      "median": r.faithfulness_median if r.faithfulness_median is not None else "",
+                     "completeness": r.completeness_mean if r.completeness_mean is not None else "",
                      "compression": f"{comp:.1f}x" if comp else "", "fwd": r.patched_forwards,
                      "s": r.seconds})
     print_table(rows)
+    if result.effective_budget:
+        print(f"\nEffective budget against {result.effective_budget[0]['base']} (run at round(K') and round(1.5 K); "
+              f"paired TOST, margin {result.effective_budget[0]['margin']} nats):")
+        print_table([budget_row(e) for e in result.effective_budget])
     print(f"\nN={result.n_prompts}, mean active occurrences per prompt {result.n_active_mean:.0f}, "
           f"KL with every feature removed {result.kl_none_mean:.3f}, {result.seconds:.0f} s")
+
+
+def budget_row(e: dict) -> dict:
+    """One effective-budget row as a table row (CLI and bench)."""
+    blank = lambda v: "" if v is None else v  # noqa: E731
+    k_eq = e["k_equivalent"]
+    return {"method": e["method"], "K": e["k"], "KL": e["kl_mean"],
+            "K'": "" if k_eq is None else (f"<= {k_eq:.0f}" if e["k_equivalent_bound"] == "at_most" else k_eq),
+            f"{e['base']} at round(K')": blank(e["k_base"]), "its KL": blank(e["base_kl_at_k_base"]),
+            "p lower": blank(e["p_lower"]), "p upper": blank(e["p_upper"]), "TOST p": blank(e["p_value"]),
+            "equivalent": blank(e["equivalent"]),
+            f"{e['base']} at 1.5K": e["k_claimed"], "KL at 1.5K": blank(e["base_kl_at_k_claimed"]),
+            "p lower 1.5K": blank(e["claimed_p_lower"]), "p upper 1.5K": blank(e["claimed_p_upper"]),
+            "TOST p 1.5K": blank(e["claimed_p_value"]), "equivalent 1.5K": blank(e["claimed_equivalent"])}

@@ -154,7 +154,7 @@ class Circuit(Base):
     kl_ci_low: Mapped[float | None]
     kl_ci_high: Mapped[float | None]
     pred_change_rate: Mapped[float | None]
-    faithfulness_mean: Mapped[float | None]
+    faithfulness_mean: Mapped[float | None]  # also None when no prompt had M_clean != M_none
     completeness_mean: Mapped[float | None]
     seconds: Mapped[float]
     cost: Mapped[dict[str, Any]] = mapped_column(default=dict)
@@ -241,7 +241,7 @@ class SweepPoint(Base):
     kl_ci_low: Mapped[float]
     kl_ci_high: Mapped[float]
     pred_change_rate: Mapped[float]
-    faithfulness_mean: Mapped[float]
+    faithfulness_mean: Mapped[float | None]  # None: no prompt had M_clean != M_none
     n_prompts: Mapped[int]
     seconds: Mapped[float]
     patched_forwards: Mapped[int] = mapped_column(default=0)

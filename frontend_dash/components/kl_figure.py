@@ -81,3 +81,33 @@ def compression_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
     return [{"method": r["method"], "k": r["k"], "kl_mean": r["kl_mean"],
              "effective_compression": (compression.get(r["method"]) or {}).get(str(r["k"]))}
             for r in sorted(result["rows"], key=lambda r: (r["method"], r["k"]))]
+
+
+def point_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every (method, K) point with its metrics: KL and CI, prediction change, faithfulness,
+    completeness (None in sweeps made before it was computed), compression, how K was filled."""
+    compression = result.get("effective_compression") or {}
+    return [{"method": r["method"], "k": r["k"], "kl_mean": r["kl_mean"], "kl_ci95": r.get("kl_ci95"),
+             "pred_change_rate": r.get("pred_change_rate"), "faithfulness_mean": r.get("faithfulness_mean"),
+             "completeness_mean": r.get("completeness_mean"),
+             "effective_compression": (compression.get(r["method"]) or {}).get(str(r["k"])),
+             "selection": (r.get("selection") or {}).get("rule", "")}
+            for r in sorted(result["rows"], key=lambda r: (r["method"], r["k"]))]
+
+
+def budget_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """The effective-budget rows for a table: method A at K against the base method *run* at
+    round(K') and at round(1.5 K), with the paired TOST of each (older sweeps: what they have)."""
+    out = []
+    for e in result.get("effective_budget") or []:
+        k_eq = e.get("k_equivalent")
+        bound = e.get("k_equivalent_bound")
+        out.append({**e, "k_equivalent": (None if k_eq is None else
+                                          (f"≤ {k_eq:.0f}" if bound == "at_most" else f"{k_eq:.1f}")),
+                    "equivalent": _yes_no(e.get("equivalent")),
+                    "claimed_equivalent": _yes_no(e.get("claimed_equivalent"))})
+    return out
+
+
+def _yes_no(value: bool | None) -> str:
+    return "" if value is None else ("yes" if value else "no")

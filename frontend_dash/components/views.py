@@ -53,3 +53,21 @@ def progress_bar(fraction: float, status: str, *, bar_id: dict[str, Any] | str |
 
 def link(text: str, href: str, **kwargs: Any) -> dcc.Link:
     return dcc.Link(text, href=href, **kwargs)
+
+
+def graphs_label(keys: list[str]) -> str:
+    """The computed graphs of a circuit in words. Its keys are "all" and prompt indices (with
+    "@logit" for graphs of the answer logit), so a graph of prompt 0 alone used to read
+    "graphs 0", as if there were none."""
+    if not keys:
+        return "none"
+
+    def words(group: list[str], suffix: str = "") -> list[str]:
+        prompts = sorted(int(k) for k in group if k != "all")
+        parts = (["all prompts"] if "all" in group else []) + \
+            ([("prompt " if len(prompts) == 1 else "prompts ") + ", ".join(map(str, prompts))] if prompts else [])
+        return [part + suffix for part in parts]
+
+    metric = [k for k in keys if "@" not in k]
+    logit = [k.partition("@")[0] for k in keys if "@" in k]
+    return f"{len(keys)}: " + "; ".join(words(metric) + words(logit, " (logit)"))

@@ -8,8 +8,7 @@ import dash
 from dash import Input, Output, callback, dcc, html
 
 from frontend_dash.api_client import ApiError, current_client
-from frontend_dash.components.graph_figure import graph_key_label
-from frontend_dash.components.views import error_note, fmt, link, table
+from frontend_dash.components.views import error_note, fmt, graphs_label, link, table
 
 
 PAGE_SIZE = 200
@@ -48,7 +47,7 @@ def circuit_columns() -> list[tuple[str, Any]]:
     return [("id", lambda r: link(f"#{r['id']}", f"/circuit?id={r['id']}")), ("model", "model"), ("task", "task"),
             ("method", "method"), ("K", "k"), ("budget", "budget"), ("N", "n_prompts"),
             ("KL mean", "kl_mean"), ("KL 95% CI", "kl_ci95"), ("pred. changed", "pred_change_rate"),
-            ("faithfulness", "faithfulness_mean"), ("graphs", lambda r: ", ".join(graph_key_label(k) for k in r["graph_keys"]) or "—"),
+            ("faithfulness", "faithfulness_mean"), ("graphs", lambda r: graphs_label(r["graph_keys"])),
             ("compare", lambda r: link("compare…", f"/compare?a={r['id']}"))]
 
 

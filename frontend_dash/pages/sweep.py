@@ -7,7 +7,7 @@ import dash
 from dash import Input, Output, callback, dcc, html
 
 from frontend_dash.api_client import ApiError, current_client
-from frontend_dash.components.kl_figure import compression_rows, kl_vs_k_figure
+from frontend_dash.components.kl_figure import budget_rows, kl_vs_k_figure, point_rows
 from frontend_dash.components.views import error_note, fmt, note, table
 
 
@@ -38,19 +38,33 @@ def show_sweep(sweep_id: int, random_curve: list[str]):
     except ApiError as err:
         return error_note(err)
     result = sweep["result"]
-    budget_rows = result.get("effective_budget") or []
+    budgets = budget_rows(result)
+    base = budgets[0]["base"] if budgets else "the base method"
+    margin = budgets[0].get("margin") if budgets else None
     return html.Div([
         dcc.Graph(id="sweep-figure", figure=kl_vs_k_figure(result, show_random_curve="show" in (random_curve or [])),
                   config={"displaylogo": False}),
         html.P(f"{sweep['transcoder']} · corruption {sweep['corruption']} · mean active occurrences "
                f"{fmt(sweep['n_active_mean'])} · KL with nothing kept {fmt(sweep['kl_none_mean'])}",
                className="pie-meta"),
-        html.H3("Effective compression"),
-        table(compression_rows(result), [("method", "method"), ("K", "k"), ("KL mean", "kl_mean"),
-                                         ("K_random / K", "effective_compression")], table_id="sweep-compression"),
+        html.H3("Points: KL, faithfulness, completeness, effective compression"),
+        table(point_rows(result), [("method", "method"), ("K", "k"), ("KL mean", "kl_mean"), ("KL 95% CI", "kl_ci95"),
+                                   ("pred. changed", "pred_change_rate"), ("faithfulness", "faithfulness_mean"),
+                                   ("completeness", "completeness_mean"),
+                                   ("K_random / K", "effective_compression"), ("how K was filled", "selection")],
+              table_id="sweep-compression"),
         html.H3("Effective budget (paired TOST)"),
-        table(budget_rows, [(c, c) for c in ("method", "k", "base", "k_equivalent", "margin", "p_value",
-                                             "equivalent")], empty="no effective-budget rows in this sweep"),
+        html.P(f"K': where {base}'s mean-KL curve reaches the method's KL at K; {base} is then run at round(K') and "
+               f"at 1.5 K on the same prompts, and each is tested for equivalence with a paired TOST on per-prompt "
+               f"KL (margin {fmt(margin)} nats; equivalent when the TOST p < 0.05).", className="pie-meta"),
+        table(budgets, [("method", "method"), ("K", "k"), ("KL", "kl_mean"), ("K'", "k_equivalent"),
+                        ("base at round(K')", "k_base"), ("its KL", "base_kl_at_k_base"),
+                        ("p lower", "p_lower"), ("p upper", "p_upper"), ("TOST p", "p_value"),
+                        ("equivalent", "equivalent"), ("base at 1.5 K", "k_claimed"),
+                        ("KL at 1.5 K", "base_kl_at_k_claimed"), ("p lower (1.5 K)", "claimed_p_lower"),
+                        ("p upper (1.5 K)", "claimed_p_upper"), ("TOST p (1.5 K)", "claimed_p_value"),
+                        ("equivalent (1.5 K)", "claimed_equivalent")],
+              table_id="sweep-budgets", empty="no effective-budget rows in this sweep"),
     ])
 
 

@@ -1,11 +1,14 @@
-"""ACDC-style pruning at the level of feature occurrences (a costly baseline).
+"""ACDC-style pruning at the level of feature occurrences (a costly baseline), **on a pool**.
 
-From a candidate pool (the top ``pool`` occurrences by |S|; everything outside it is removed
-from the start), visit occurrences in reverse layer order (later positions first) and drop one
-when KL(clean || current) rises by less than tau. Several tau values run side by side as
-separate trajectories in the same forwards; per prompt the largest tau that still keeps at
-least K is chosen, and the kept set is trimmed (lowest |S| first) or refilled (highest |S|
-first) to exactly K. Cost: one batched forward per pool position, reported as patched forwards.
+Pool: per prompt, the top ``pool`` occurrences by |FAP S| (default 2K); everything outside it
+is removed from the start, so this is ACDC restricted to FAP's top 2K, not ACDC over every
+active occurrence. Visit the pool in reverse layer order (later positions first, then lower
+feature index) and drop an occurrence when KL(clean || current) rises by less than tau. Several
+tau values (log-spaced from tau_min to tau_max) run side by side as separate trajectories in
+the same forwards; per prompt the largest tau that still keeps at least K is chosen (when none
+does, the one that keeps the most), and its kept set is trimmed to exactly K by dropping the
+lowest |S| first (or refilled by the highest |S| not kept). Cost: one batched forward per pool
+position, reported as patched forwards. The results say so: `selection_notes`.
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ from backend.errors import InvalidParameterError
 
 class ACDC(Strategy):
     name = "acdc"
-    description = "ACDC-style: drop occurrences (reverse layer order) while KL rises by < tau; tau searched"
+    description = ("ACDC-style on a pool: FAP's top `pool` (default 2K) occurrences per prompt, dropped in reverse "
+                   "layer order while KL rises by < tau (tau searched); then trimmed to K by lowest |S| "
+                   "(refilled by highest |S|)")
     defaults = {"pool": None, "n_tau": 6, "tau_min": 1e-4, "tau_max": 0.3}
     budgets = ("global",)
 
@@ -69,6 +74,14 @@ class ACDC(Strategy):
         trimmed = chosen & (segment_rank(score.masked_fill(~chosen, float("-inf")), occ.prompt) < k)
         ctx.cache.setdefault("acdc_tau", {})[k] = taus[tau_idx].tolist()
         return fill_to_k(trimmed, score, occ.prompt, k, B)
+
+    def selection_notes(self, k: int, options: dict[str, Any]) -> dict[str, Any]:
+        pool = int(options["pool"]) if options["pool"] is not None else 2 * k
+        return {"pool": pool, "pool_rule": f"the top {pool} occurrences per prompt by |FAP S|; all others removed "
+                                           "from the start",
+                "taus": [float(options["tau_min"]), float(options["tau_max"]), int(options["n_tau"])],
+                "rule": f"ACDC on FAP's top {pool}, the largest tau keeping >= {k}, trimmed to {k} by lowest |S| "
+                        "(refilled by highest |S|)"}
 
     @staticmethod
     def _kl(ctx: SelectionContext, patch: Tensor, rows: Tensor | None = None) -> Tensor:

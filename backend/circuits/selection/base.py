@@ -111,6 +111,11 @@ class Strategy(ABC):
     def select(self, ctx: SelectionContext, k: int, options: dict[str, Any]) -> Tensor:
         """[n] bool: the occurrences kept, exactly min(k, n_p) per prompt."""
 
+    def selection_notes(self, k: int, options: dict[str, Any]) -> dict[str, Any]:
+        """How the budget K is filled, where that is more than "the top K by one score" (stored
+        with the results: a circuit's options["selection"], a sweep row's ``selection``)."""
+        return {}
+
 
 class RankedStrategy(Strategy):
     """A method that is a per-occurrence ranking score plus the shared top-K budget."""

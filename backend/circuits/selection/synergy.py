@@ -2,11 +2,24 @@
 
 effect(S) = M(x) - M(x with the Delta-writes of S subtracted);
 Syn(b, c) = effect({b, c}) - effect({b}) - effect({c}), counted only when both single effects
-are > 0. With h = round(bp/100 * K / 2): the core is the top K-h by |S|; boundary candidates
-are ranks [K-h, K+h) (at most ``cap``); partners are the first 32 core occurrences and each
-candidate samples 8 of them. syn_z(c) = max(0, median_b Syn(b, c)) / median_partners |effect(b)|;
-boosted(c) = |S(c)| / median(|S| in the top K) + lambda * syn_z(c). The core plus the best h
-candidates by boosted fill K.
+are > 0. With h = round(bp/100 * K / 2) the uncapped boundary is ranks [K-h, K+h): the core
+(top K-h by |S|) is kept and the best h of the 2h candidates fill K. Partners are the first 32
+core occurrences and each candidate samples 8 of them. syn_z(c) = max(0, median_b Syn(b, c)) /
+median_partners |effect(b)|; boosted(c) = |S(c)| / median(|S| in the top K) + lambda * syn_z(c).
+
+**The cap.** At most ``cap`` candidates are reranked (their exact effects are what costs). When
+2h > cap the reranked window is the ``cap`` ranks nearest the boundary K, centred on it:
+ranks [K - s, K - s + cap) with s = cap // 2 of them kept; the h - s slots between the core and
+that window go by FAP rank (ranks [K-h, K-s) are kept as they are). So in every case, with
+s = min(h, cap // 2) and c = min(2h, cap):
+
+    kept = top K-s by |S|  +  the best s of the c candidates at ranks [K-s, K-s+c) by boosted,
+
+exactly min(K, n) occurrences per prompt. With the paper's defaults (bp 25, cap 32) the window
+is uncapped while h <= 16 (K <= 132); beyond, it is 32 ranks of which 16 are kept (K = 200: the
+top 184 plus 16 of ranks 184..215; K = 400: the top 384 plus 16 of ranks 384..415). A window cut
+at its lower end instead (ranks [K-h, K-h+cap), the earlier rule) lies inside FAP's own top K
+once h >= cap, so it can rerank nothing, and it kept only K-h+cap < K when h > cap.
 
 Single effects are cached across budgets; pairs are only run where both singles are positive;
 all single and pair variants of a batch go through the model together.
@@ -25,7 +38,8 @@ from backend.errors import InvalidParameterError
 
 class FAPSynergy(Strategy):
     name = "fap-synergy"
-    description = "FAP with the top-K boundary reranked by exact pairwise synergy (lambda, bp, cap)"
+    description = ("FAP with the top-K boundary reranked by exact pairwise synergy (lambda, bp, cap); a boundary "
+                   "wider than cap is the cap ranks centred on K, the slots left by the cap go by FAP rank")
     defaults = {"lam": 3.0, "bp": 25.0, "cap": 32, "partners": 32, "samples": 8}
     budgets = ("global",)
 
@@ -37,9 +51,9 @@ class FAPSynergy(Strategy):
         occ = ctx.occ
         score = ctx.runs.fap.abs()
         rank = segment_rank(score, occ.prompt)
-        h = int(round(bp / 100 * k / 2))
-        kept = rank < k - h
-        if h == 0:
+        _, s, n_cand = self.boundary(k, options)
+        kept = rank < k - s
+        if s == 0:
             return kept
         device = score.device
         # Per prompt: candidate ids [C], partner ids [P] and sampled partner pairs.
@@ -50,8 +64,8 @@ class FAPSynergy(Strategy):
                 kept[ids] = True  # fewer than K occurrences: keep them all, nothing to rerank
                 continue
             order = ids[torch.argsort(rank[ids])]
-            cands = order[k - h:min(k + h, k - h + cap, len(order))]
-            partners = order[:min(n_partners, k - h)]
+            cands = order[k - s:min(k - s + n_cand, len(order))]                      # [C], C > s
+            partners = order[:min(n_partners, k - s)]
             pick = torch.rand(len(cands), len(partners), generator=ctx.generator(b, "synergy", k))
             sampled = partners[pick.argsort(dim=1)[:, :n_samples].to(device)]           # [C, S]
             top_median = score[order[:k]].median()
@@ -81,10 +95,24 @@ class FAPSynergy(Strategy):
             scale = single[partners].abs().median()
             syn_z = med / scale if scale > 0 else torch.zeros_like(med)
             boosted = score[cands] / top_median.clamp_min(1e-12) + lam * syn_z
-            best = cands[torch.argsort(boosted, descending=True, stable=True)[:h]]
-            kept[order[:k - h]] = True
+            best = cands[torch.argsort(boosted, descending=True, stable=True)[:s]]
             kept[best] = True
         return kept
+
+    @staticmethod
+    def boundary(k: int, options: dict[str, Any]) -> tuple[int, int, int]:
+        """(h, s, c): the boundary half-width h = round(bp/100 * K / 2), the s = min(h, cap // 2)
+        slots filled by reranking, and the c = min(2h, cap) candidates (ranks [K-s, K-s+c))."""
+        h = int(round(float(options["bp"]) / 100 * k / 2))
+        cap = int(options["cap"])
+        return h, min(h, cap // 2), min(2 * h, cap)
+
+    def selection_notes(self, k: int, options: dict[str, Any]) -> dict[str, Any]:
+        h, s, c = self.boundary(k, options)
+        return {"boundary_half_width": h, "reranked_slots": s, "candidates": c,
+                "candidate_ranks": [k - s, k - s + c], "fap_rank_slots": h - s, "capped": c < 2 * h,
+                "rule": f"top {k - s} by |S| (core top {k - h} + {h - s} by FAP rank) + best {s} of "
+                        f"ranks [{k - s}, {k - s + c}) by boosted score"}
 
     @staticmethod
     def _pair_effects(ctx: SelectionContext, first: Tensor, second: Tensor) -> dict[int, float] | Tensor:
