@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from backend.errors import InvalidParameterError, NotFoundError, UserError
 from backend.settings import Settings
+from backend.store.tables import MAX_DB_INT
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ def _no_path_options(options: dict[str, Any]) -> dict[str, Any]:
 class DatasetParams(BaseModel):
     """Which prompts: model (its tokenizer decides which pairs fit), task, options, n, seed."""
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
 
     model: str = Field(pattern=NAME_PATTERN, description="model name (GET /api/models); never a path")
     transcoder: str = Field(pattern=TRANSCODER_PATTERN, description="<model>/<dir> (GET /api/transcoders)")
@@ -121,7 +122,7 @@ class GraphParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    circuit_id: int = Field(ge=1)
+    circuit_id: int = Field(ge=1, le=MAX_DB_INT)
     prompt: int | None = Field(None, ge=0, le=MAX_N)
 
 
@@ -133,7 +134,7 @@ class ExplainParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    circuit_id: int = Field(ge=1)
+    circuit_id: int = Field(ge=1, le=MAX_DB_INT)
     explainer: Literal["offline", "llm"] = "offline"
     top_n: int | None = Field(None, ge=1, le=MAX_K, description="the circuit's top features; all when unset")
     corpus: Literal["default", "stories"] = Field("default", description="default: Python docs + stories")
@@ -144,9 +145,9 @@ class ExplainParams(BaseModel):
 class ScoreParams(BaseModel):
     """FADE scores of the explanations of a stored circuit's features (DESIGN 7)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    circuit_id: int = Field(ge=1)
+    circuit_id: int = Field(ge=1, le=MAX_DB_INT)
     explainer: Literal["offline", "llm", "human", "any"] = Field("any", description="which explanations")
     rater: Literal["offline", "llm"] = "offline"
     top_n: int | None = Field(None, ge=1, le=MAX_K)
@@ -165,6 +166,8 @@ class ScoreParams(BaseModel):
         factors = sorted(set(factors))
         if 0.0 not in factors:
             raise ValueError("steering factors must include 0 (the unsteered baseline)")
+        if len(factors) < 2:
+            raise ValueError("steering factors need at least one value besides the 0 baseline")
         return factors
 
 
@@ -188,9 +191,13 @@ def list_methods() -> list[dict[str, Any]]:
 def normalise(params: BaseModel) -> BaseModel:
     """Fill in the methods' default options so that equal requests hash equal.
 
-    Unknown method -> NotFoundError (404); unknown budget or option -> InvalidParameterError (422).
+    Unknown method -> NotFoundError (404); unknown budget, corruption or option ->
+    InvalidParameterError (422), at request time rather than after the model has loaded.
     """
+    from backend.circuits.attribution import CORRUPTIONS
     from backend.circuits.pipeline import check_method
+    if isinstance(params, (PruneParams, SweepParams)) and params.corruption not in CORRUPTIONS:
+        raise InvalidParameterError(f"unknown corruption '{params.corruption}'; known: {', '.join(CORRUPTIONS)}")
     if isinstance(params, PruneParams):
         return params.model_copy(update={"options": check_method(params.method, params.budget, params.options)})
     if isinstance(params, SweepParams):

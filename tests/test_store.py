@@ -1,4 +1,5 @@
-"""The store: migrations up/down/up, schema == ORM, PostgreSQL DDL, and the query functions."""
+"""The store: migrations up/down/up, schema == ORM, PostgreSQL DDL, and the query functions,
+on SQLite and on a real PostgreSQL server (`store_url` is parametrised over both)."""
 
 from __future__ import annotations
 
@@ -17,14 +18,15 @@ from backend.errors import InvalidParameterError, NotFoundError
 from backend.store import queries
 from backend.store.db import alembic_config, downgrade_to, make_engine, session_factory, transaction, upgrade_to_head
 from backend.store.tables import Base
+from tests.api_fixtures import pg_cluster, store_url  # noqa: F401 (fixtures)
 
 TABLES = {"models", "transcoders", "datasets", "jobs", "circuits", "sweeps", "sweep_points", "features",
           "examples", "explanations", "explanation_revisions", "explanation_scores", "annotations"}
 
 
 @pytest.fixture
-def url(tmp_path) -> str:
-    return f"sqlite:///{tmp_path / 'store' / 'piescope.db'}"
+def url(store_url) -> str:
+    return store_url
 
 
 @pytest.fixture

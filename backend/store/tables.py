@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from sqlalchemy import (JSON, Boolean, CheckConstraint, DateTime, Float, ForeignKey, Index, Integer,
-                        MetaData, String, Text, UniqueConstraint)
+                        MetaData, String, Text, TypeDecorator, UniqueConstraint)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 NAMING = {
@@ -29,11 +29,37 @@ NAMING = {
 JOB_STATUSES = ("queued", "running", "done", "failed", "cancelled")
 JOB_KINDS = ("prune", "sweep", "graph", "explain", "score")
 EXPLANATION_SOURCES = ("llm", "offline", "human")
+# Integer columns (ids included) are 32-bit on PostgreSQL: the API accepts no id, layer, index or
+# offset beyond this, so a lookup never overflows the driver.
+MAX_DB_INT = 2**31 - 1
 
 
 def utcnow() -> datetime:
     """Timezone-aware now, the default of every timestamp column."""
     return datetime.now(timezone.utc)
+
+
+class UTCDateTime(TypeDecorator):
+    """A timezone-aware timestamp on every backend: stored as UTC, read back with tzinfo=UTC.
+
+    PostgreSQL keeps the zone itself; SQLite has no zone type and returns naive values, which
+    are UTC because every write goes through here.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: the store keeps timezone-aware timestamps only")
+        return value.astimezone(timezone.utc)
+
+    def process_result_value(self, value: datetime | None, dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
 
 
 def _in(column: str, values: tuple[str, ...]) -> str:
@@ -42,7 +68,7 @@ def _in(column: str, values: tuple[str, ...]) -> str:
 
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
-    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON, float: Float(), datetime: DateTime(timezone=True)}
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON, float: Float(), datetime: UTCDateTime()}
 
 
 class Model(Base):
