@@ -202,15 +202,16 @@ class CountParams(BaseModel):
 class Counter:
     """A plain job function: reports progress `steps` times, waiting on `gate` before each step."""
 
-    def __init__(self) -> None:
+    def __init__(self, timeout: float = 10.0) -> None:
         self.calls = 0
         self.gate = threading.Event()
         self.gate.set()
+        self.timeout = timeout
 
     def run(self, context, sessions, params: CountParams, progress):
         self.calls += 1
         for i in range(params.steps):
-            assert self.gate.wait(10)
+            assert self.gate.wait(self.timeout)
             if params.fail and i == 1:
                 raise ValueError("boom at step 1")
             progress(i / params.steps, f"step {i}")

@@ -101,7 +101,7 @@ class CircuitSummary(BaseModel):
     n_prompts: int
     kl_mean: float
     kl_std: float
-    kl_ci95: tuple[float, float]
+    kl_ci95: list[float] = Field(min_length=2, max_length=2, description="(low, high)")
     pred_change_rate: float
     faithfulness_mean: float
     completeness_mean: float | None

@@ -10,8 +10,8 @@ read-modify-write such as an explanation's revision counter never interleaves wi
 writer's; readers start a plain BEGIN and keep one snapshot. On PostgreSQL the queries lock
 the rows they modify (SELECT ... FOR UPDATE).
 
-The Alembic revisions ship inside the package (`backend/store/migrations` in a wheel, mapped
-from the checkout's top-level `migrations/` by pyproject.toml).
+The Alembic revisions live inside the package (`backend/store/migrations`), so an installed
+wheel migrates its database exactly as a checkout does.
 """
 
 from __future__ import annotations
@@ -29,16 +29,7 @@ from backend.settings import Settings
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def _migrations_dir() -> Path:
-    """The installed package's migrations, else (a source checkout) the repository's."""
-    packaged = Path(__file__).resolve().parent / "migrations"
-    return packaged if (packaged / "env.py").is_file() else REPO_ROOT / "migrations"
-
-
-MIGRATIONS_DIR = _migrations_dir()
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 SQLITE_BUSY_MS = 30_000
 WRITER = "piescope_writer"  # execution option: this connection's transaction will write
 

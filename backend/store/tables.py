@@ -2,7 +2,7 @@
 
 Portable by construction: generic types only (JSON, not SQLite's JSON1 or PostgreSQL's JSONB),
 so the same schema runs on SQLite (the default) and PostgreSQL (by URL). The hand-written
-Alembic revisions in `migrations/versions/` create exactly these tables; `tests/test_store.py`
+Alembic revisions in `backend/store/migrations/versions/` create exactly these tables; `tests/test_store.py`
 checks that the two never drift apart.
 
 Naming: every constraint and index has an explicit, stable name (see `NAMING`), so migrations
