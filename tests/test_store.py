@@ -186,3 +186,18 @@ def test_mark_interrupted_fails_only_unfinished_jobs(sessions):
         assert by_hash["0"].status == by_hash["1"].status == "failed"
         assert by_hash["1"].error == queries.INTERRUPTED
         assert by_hash["2"].status == "done" and by_hash["3"].error is None
+
+
+def test_timestamps_read_back_timezone_aware_in_utc(sessions):
+    from datetime import datetime, timedelta, timezone
+    later = datetime(2026, 12, 1, 10, 30, tzinfo=timezone(timedelta(hours=2)))
+    with transaction(sessions) as s:
+        job = queries.create_job(s, "prune", {}, "t" * 64, "cpu")
+        job.started_at = later
+        job_id = job.id
+    with sessions() as s:
+        row = queries.get_job(s, job_id)
+        assert row.created_at.tzinfo is not None and row.created_at.utcoffset() == timedelta(0)
+        assert row.started_at == later and row.started_at.utcoffset() == timedelta(0)
+    with pytest.raises(Exception, match="naive datetime"), transaction(sessions) as s:
+        queries.get_job(s, job_id).finished_at = datetime(2026, 12, 1)
