@@ -31,6 +31,11 @@ log = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 SQLITE_BUSY_MS = 30_000
+# Connections: every request thread (anyio's threadpool: 40) may hold one while the event loop's
+# cached circuit read takes another, plus the job threads. A smaller pool can run dry, and the
+# event loop then blocks on checkout while the connections it waits for are only returned
+# through it: 50 leaves room for all of them.
+POOL_SIZE, POOL_OVERFLOW = 10, 40
 WRITER = "piescope_writer"  # execution option: this connection's transaction will write
 
 
@@ -44,9 +49,13 @@ def prepare_sqlite_dir(url: str) -> None:
 def make_engine(url: str) -> Engine:
     """An Engine for `url`; SQLite gets WAL, foreign keys on, a busy timeout, and thread sharing."""
     prepare_sqlite_dir(url)
+    pool = {"pool_size": POOL_SIZE, "max_overflow": POOL_OVERFLOW}
     if make_url(url).get_backend_name() != "sqlite":
-        return create_engine(url, pool_pre_ping=True)
-    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_MS / 1000})
+        return create_engine(url, pool_pre_ping=True, **pool)
+    if make_url(url).database in (None, "", ":memory:"):
+        pool = {}  # one shared in-memory connection (SingletonThreadPool)
+    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_MS / 1000},
+                           **pool)
 
     @event.listens_for(engine, "connect")
     def _sqlite_pragmas(dbapi_connection, _record) -> None:
