@@ -29,3 +29,13 @@ class InvalidParameterError(UserError):
     """A parameter outside its allowed range (K <= 0, N too large, ...)."""
 
     http_status = 422
+
+
+class ConflictError(UserError):
+    """The request does not fit the record's state (cancelling a job that already finished)."""
+
+    http_status = 409
+
+
+class StoreBusyError(UserError):
+    """Another worker owns the store (its lock is held): this process must touch nothing."""

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from backend.circuits.limits import DEFAULT_TOST_MARGIN, MAX_K
 from backend.errors import InvalidParameterError, NotFoundError, UserError
 from backend.settings import Settings
+from backend.store.tables import MAX_DB_INT
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ def _no_path_options(options: dict[str, Any]) -> dict[str, Any]:
 class DatasetParams(BaseModel):
     """Which prompts: model (its tokenizer decides which pairs fit), task, options, n, seed."""
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
 
     model: str = Field(pattern=NAME_PATTERN, description="model name (GET /api/models); never a path")
     transcoder: str = Field(pattern=TRANSCODER_PATTERN, description="<model>/<dir> (GET /api/transcoders)")
@@ -124,7 +125,7 @@ class GraphParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    circuit_id: int = Field(ge=1)
+    circuit_id: int = Field(ge=1, le=MAX_DB_INT)
     prompt: int | None = Field(None, ge=0, le=MAX_N)
     target: Literal["metric", "logit"] = Field(
         "metric", description="what the graph explains: the task metric M (e.g. logit(IO) - logit(S)) or the answer logit")
@@ -147,8 +148,8 @@ class InterpTarget(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    circuit_id: int | None = Field(None, ge=1)
-    feature_id: int | None = Field(None, ge=1, description="one stored feature instead of a circuit's")
+    circuit_id: int | None = Field(None, ge=1, le=MAX_DB_INT)
+    feature_id: int | None = Field(None, ge=1, le=MAX_DB_INT, description="one stored feature instead of a circuit's")
     prompt: int | None = Field(None, ge=0, le=MAX_N,
                                description="with circuit_id: only the features kept on this prompt")
 
@@ -177,6 +178,8 @@ class ScoreParams(InterpTarget):
     Texts come from held-out corpus documents only (never what the explainer saw); the
     faithfulness defaults are 8 prompts x 16 new tokens per steering factor."""
 
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
     explainer: Literal["offline", "llm", "human", "any"] = Field("any", description="which explanations")
     rater: Literal["offline", "llm"] = "offline"
     top_n: int | None = Field(None, ge=1, le=MAX_K)
@@ -195,6 +198,8 @@ class ScoreParams(InterpTarget):
         factors = sorted(set(factors))
         if 0.0 not in factors:
             raise ValueError("steering factors must include 0 (the unsteered baseline)")
+        if len(factors) < 2:
+            raise ValueError("steering factors need at least one value besides the 0 baseline")
         return factors
 
 
@@ -218,9 +223,13 @@ def list_methods() -> list[dict[str, Any]]:
 def normalise(params: BaseModel) -> BaseModel:
     """Fill in the methods' default options so that equal requests hash equal.
 
-    Unknown method -> NotFoundError (404); unknown budget or option -> InvalidParameterError (422).
+    Unknown method -> NotFoundError (404); unknown budget, corruption or option ->
+    InvalidParameterError (422), at request time rather than after the model has loaded.
     """
+    from backend.circuits.attribution import CORRUPTIONS
     from backend.circuits.pipeline import check_method
+    if isinstance(params, (PruneParams, SweepParams)) and params.corruption not in CORRUPTIONS:
+        raise InvalidParameterError(f"unknown corruption '{params.corruption}'; known: {', '.join(CORRUPTIONS)}")
     if isinstance(params, PruneParams):
         return params.model_copy(update={"options": check_method(params.method, params.budget, params.options)})
     if isinstance(params, SweepParams):

@@ -8,6 +8,13 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 _REPO_ROOT = Path(__file__).resolve().parent.parent
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def _home() -> Path:
+    """Where models_cache/ and data/ live by default: the checkout when running from one, else
+    the working directory (an installed package must never write into site-packages)."""
+    return _REPO_ROOT if (_REPO_ROOT / "pyproject.toml").is_file() else Path.cwd()
 
 
 class Settings(BaseSettings):
@@ -15,9 +22,9 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="PIESCOPE_", env_file=".env", extra="ignore")
 
-    models_cache: Path = Field(default=_REPO_ROOT / "models_cache",
+    models_cache: Path = Field(default_factory=lambda: _home() / "models_cache",
                                description="converted models, trained transcoders, activations")
-    data_dir: Path = Field(default=_REPO_ROOT / "data", description="database and job artefacts")
+    data_dir: Path = Field(default_factory=lambda: _home() / "data", description="database and job artefacts")
     db_url: str | None = Field(default=None, description="SQLAlchemy URL; SQLite in data_dir if unset")
     device: str = Field(default="cpu", description="torch device for models and transcoders")
     dtype: str = Field(default="float32", description="model dtype: float32, bfloat16 or float16")
@@ -25,7 +32,9 @@ class Settings(BaseSettings):
 
     api_host: str = "127.0.0.1"
     api_port: int = 8000
-    api_token: str | None = None
+    api_token: str | None = Field(default=None, description="bearer token for writes; required beyond loopback")
+    allowed_hosts: str = Field(default=",".join(LOOPBACK_HOSTS),
+                               description="comma-separated Host header names the API answers ('*': any)")
     api_url: str = Field(default="http://127.0.0.1:8000",
                          description="where the dashboard (and the demo) reach the API; when unset, "
                                      "http://<api_host>:<api_port> (127.0.0.1 for a wildcard host)")
@@ -46,6 +55,11 @@ class Settings(BaseSettings):
     @property
     def database_url(self) -> str:
         return self.db_url or f"sqlite:///{self.data_dir / 'piescope.db'}"
+
+    @property
+    def allowed_host_names(self) -> frozenset[str]:
+        """The Host names (no port, lower case) the API answers; {'*'} answers any."""
+        return frozenset(h.strip().lower().strip("[]") for h in self.allowed_hosts.split(",") if h.strip())
 
 
 def get_settings() -> Settings:

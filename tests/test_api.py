@@ -1,5 +1,6 @@
 """The HTTP API: listings, validation and security, the executor's lifecycle, stored results,
-explanations and annotations. Jobs here never load a model (see test_jobs_e2e.py for that)."""
+explanations and annotations, on SQLite and PostgreSQL (`api_settings` is parametrised over the
+store's backends here). Jobs here never load a model (see test_jobs_e2e.py for that)."""
 
 from __future__ import annotations
 
@@ -13,10 +14,18 @@ from pydantic import BaseModel
 
 from backend.api.app import create_app
 from backend.api.jobs import JobKind
+from backend.settings import Settings
 from backend.store import queries
 from backend.store.db import make_engine, session_factory, transaction, upgrade_to_head
-from tests.api_fixtures import TINY_CLT, TINY_MODEL, api_settings, tiny_cache  # noqa: F401 (fixtures)
+from tests.api_fixtures import (TINY_CLT, TINY_MODEL, pg_cluster, store_settings, store_url,  # noqa: F401
+                                tiny_cache)
 from tests.test_store import make_circuit, make_sweep
+
+
+@pytest.fixture
+def api_settings(store_settings):
+    """Every test here runs on both backends."""
+    return store_settings
 
 
 @pytest.fixture
@@ -145,9 +154,23 @@ def test_one_k_limit_for_the_cli_and_the_api():
         PruneParams(model=TINY_MODEL, transcoder=TINY_CLT, task="ioi", method="fap", k=MAX_K + 1)
 
 
-def test_unknown_job_kind_is_422(client):
+def test_unknown_job_kind_is_one_error_saying_so(client):
     response = client.post("/api/jobs", json={"kind": "mine-bitcoin", "params": {}})
     assert response.status_code == 422
+    assert response.json()["errors"] == [{"loc": ["body", "kind"], "type": "union_tag_invalid",
+                                          "msg": "unknown job kind 'mine-bitcoin'; known kinds: "
+                                                 "prune, sweep, graph, explain, score, edges, edge-sweep, hagd"}]
+    assert "unknown job kind 'mine-bitcoin'" in detail(response)
+    missing = client.post("/api/jobs", json={"params": {}})
+    assert missing.status_code == 422 and "kind is missing" in detail(missing)
+
+
+def test_a_bad_k_is_one_error_naming_its_own_field(client):
+    response = client.post("/api/jobs", json=prune_body(k=0))
+    assert response.status_code == 422
+    assert response.json() == {"detail": "params.k: Input should be greater than or equal to 1",
+                               "errors": [{"loc": ["body", "params", "k"], "type": "greater_than_equal",
+                                           "msg": "Input should be greater than or equal to 1"}]}
 
 
 def test_body_over_the_limit_is_413(api_settings):
@@ -199,15 +222,16 @@ class CountParams(BaseModel):
 class Counter:
     """A plain job function: reports progress `steps` times, waiting on `gate` before each step."""
 
-    def __init__(self) -> None:
+    def __init__(self, timeout: float = 10.0) -> None:
         self.calls = 0
         self.gate = threading.Event()
         self.gate.set()
+        self.timeout = timeout
 
     def run(self, context, sessions, params: CountParams, progress):
         self.calls += 1
         for i in range(params.steps):
-            assert self.gate.wait(10)
+            assert self.gate.wait(self.timeout)
             if params.fail and i == 1:
                 raise ValueError("boom at step 1")
             progress(i / params.steps, f"step {i}")
@@ -408,3 +432,224 @@ def test_uvicorn_serves_on_loopback_with_an_ephemeral_port(api_settings):
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+# ------------------------------------------------------------------------------ requests that used to be 500s
+
+HUGE = 99999999999999999999  # beyond 2^63
+
+
+@pytest.mark.parametrize("path", [
+    f"/api/jobs/{HUGE}", f"/api/circuits/{HUGE}", f"/api/sweeps/{HUGE}", f"/api/features/{HUGE}",
+    f"/api/explanations/{HUGE}", f"/api/explanations/{HUGE}/scores", f"/api/circuits/{HUGE}/interpretation",
+    f"/api/jobs/{2**31}", f"/api/jobs?offset={HUGE}", f"/api/circuits?k={HUGE}", f"/api/circuits?offset={2**31}",
+    f"/api/features?layer={HUGE}", f"/api/features/lookup?transcoder={TINY_CLT}&layer=0&index={HUGE}",
+    f"/api/circuits/1/graphs/all/neuronpedia?prompt={HUGE}", f"/api/circuits/1/interpretation?top_n={HUGE}",
+])
+def test_integers_beyond_the_store_are_422(client, path):
+    response = client.get(path)
+    assert response.status_code == 422, response.text
+    assert "less than or equal to 2147483647" in detail(response)
+
+
+@pytest.mark.parametrize("kind", ["graph", "explain", "score"])
+def test_a_circuit_id_beyond_the_store_is_422(client, kind):
+    response = client.post("/api/jobs", json={"kind": kind, "params": {"circuit_id": HUGE}})
+    assert response.status_code == 422 and "params.circuit_id" in detail(response)
+
+
+@pytest.mark.parametrize("number", [b"NaN", b"Infinity", b"-Infinity", b"1e400"])
+def test_non_finite_numbers_are_422_and_never_stored(client, number):
+    fid = seed_feature(client)
+    eid = client.post(f"/api/features/{fid}/explanations", json={"text": "names"}).json()["id"]
+    response = client.post(f"/api/explanations/{eid}/scores", content=b'{"metric": "clarity", "value": %s}' % number,
+                           headers={"content-type": "application/json"})
+    assert response.status_code == 422 and "finite" in detail(response)
+    assert client.get(f"/api/explanations/{eid}/scores").json() == []
+    ok = client.post(f"/api/explanations/{eid}/scores", json={"metric": "clarity", "value": -1.5e300})
+    assert ok.status_code == 201 and client.get(f"/api/explanations/{eid}/scores").json()[0]["value"] == -1.5e300
+
+
+@pytest.mark.parametrize("text", [b'"\\ud800"', b'"a\\udfffb"', b'"nul\\u0000"'])
+def test_text_no_store_can_keep_is_422_anywhere_in_the_body(client, text):
+    fid = seed_feature(client)
+    for body in (b'{"text": %s}' % text, b'{"text": "ok", "author": %s}' % text, b'{%s: "x"}' % text):
+        response = client.post(f"/api/features/{fid}/explanations", content=body,
+                               headers={"content-type": "application/json"})
+        assert response.status_code == 422, body
+        assert response.json()["errors"][0]["loc"] == ["body"]
+    assert client.get(f"/api/features/{fid}/explanations").json() == []
+    job = client.post("/api/jobs", content=b'{"kind": "prune", "params": {"model": %s}}' % text,
+                      headers={"content-type": "application/json"})
+    assert job.status_code == 422
+
+
+def test_nul_in_a_query_or_path_is_422(client):
+    assert client.get("/api/circuits", params={"model": "a\x00b"}).status_code == 422
+    assert client.get("/api/features/lookup?transcoder=%00&layer=0&index=0").status_code == 422
+    assert client.get("/api/circuits/1/graphs/%00/neuronpedia").status_code == 422
+    assert client.get("/api/circuits", params={"model": "\u00e9\u4e2d"}).json()["total"] == 0  # real Unicode is fine
+
+
+def test_malformed_and_deeply_nested_json_is_422(client):
+    for body in (b"{", b"[" * 100_000 + b"]" * 100_000, b"\xff\xfe\x00", b'{"kind": 1' + b"0" * 5000 + b"}"):
+        response = client.post("/api/jobs", content=body, headers={"content-type": "application/json"})
+        assert response.status_code == 422, body[:20]
+        assert response.json()["detail"].startswith("body:")
+
+
+def test_score_job_with_only_the_zero_factor_is_422(client):
+    response = client.post("/api/jobs", json={"kind": "score", "params": {"circuit_id": 1, "factors": [0, 0]}})
+    assert response.status_code == 422
+    assert response.json()["errors"][0]["loc"] == ["body", "params", "factors"]
+    assert "besides the 0 baseline" in detail(response)
+
+
+def test_unknown_corruption_is_422_at_request_time(client):
+    pytest.importorskip("backend.circuits.pipeline")
+    response = client.post("/api/jobs", json=prune_body(corruption="no-such-corruption"))
+    assert response.status_code == 422 and "unknown corruption 'no-such-corruption'" in detail(response)
+    sweep = {"kind": "sweep", "params": {"model": TINY_MODEL, "transcoder": TINY_CLT, "task": "ioi",
+                                        "methods": ["fap"], "ks": [2], "corruption": "bogus"}}
+    assert client.post("/api/jobs", json=sweep).status_code == 422
+    assert client.get("/api/jobs").json()["total"] == 0  # nothing was queued
+
+
+def test_neuronpedia_export_of_a_circuit_without_a_graph_is_404(client):
+    a, _, _ = seed_results(client)
+    missing = client.get(f"/api/circuits/{a}/graphs/all/neuronpedia")
+    assert missing.status_code == 404 and "no graph 'all'" in detail(missing)
+    with transaction(client.app.state.sessions) as s:
+        queries.set_circuit_graph(s, a, None, {"nodes": [], "links": []})  # a graph holding no prompt graph
+        queries.set_circuit_graph(s, a, 0, {"graphs": [{"prompt": 0, "nodes": [], "links": []}]})
+    empty = client.get(f"/api/circuits/{a}/graphs/all/neuronpedia")
+    assert empty.status_code == 404 and "no graph 'all'" in detail(empty)  # it holds no prompt graph
+    no_target = client.get(f"/api/circuits/{a}/graphs/0/neuronpedia")
+    assert no_target.status_code == 404, no_target.text
+
+
+def test_cancelling_a_finished_job_is_409(api_settings):
+    counter = Counter()
+    with TestClient(counting_app(api_settings, counter)) as c:
+        job, _ = c.app.state.executor.submit("count", {"steps": 1})
+        wait_for(c, job.id, {"done"})
+        response = c.delete(f"/api/jobs/{job.id}")
+        assert response.status_code == 409 and "already done" in detail(response)
+        assert c.get(f"/api/jobs/{job.id}").json()["status"] == "done"
+        assert c.delete("/api/jobs/999").status_code == 404
+
+
+def test_timestamps_carry_their_zone_on_post_and_get(client):
+    fid = seed_feature(client)
+    created = client.post(f"/api/features/{fid}/explanations", json={"text": "names"}).json()
+    fetched = client.get(f"/api/explanations/{created['id']}").json()
+    for stamp in (created["created_at"], fetched["created_at"], fetched["updated_at"]):
+        assert stamp.endswith("Z") or stamp.endswith("+00:00"), stamp
+    assert created["created_at"] == fetched["created_at"]
+    job = client.post("/api/jobs", json={"kind": "graph", "params": {"circuit_id": 1}})
+    assert job.status_code == 404  # no circuit: nothing stored, but the listing below is read back
+    seed_results(client)
+    for circuit in client.get("/api/circuits").json()["items"]:
+        assert circuit["created_at"].endswith(("Z", "+00:00"))
+
+
+class PathParams(BaseModel):
+    where: str = ""
+
+
+def test_no_server_path_in_job_errors_or_listings(api_settings):
+    settings = api_settings
+    cache = settings.models_cache
+    broken = cache / TINY_MODEL / "broken-clt"
+    broken.mkdir(exist_ok=True)
+    (broken / "config.yaml").write_text("not: [a transcoder")
+    try:
+        def run(context, sessions, params, progress):
+            raise FileNotFoundError(f"[Errno 2] No such file or directory: '{cache}/{TINY_MODEL}/x/w.safetensors' "
+                                    f"(also tried /opt/secret/place/w.bin)")
+        kind = JobKind(PathParams, check=lambda *a: None, run=run, store=lambda *a: {})
+        with TestClient(create_app(settings, job_kinds={"paths": kind})) as c:
+            job, _ = c.app.state.executor.submit("paths", {})
+            failed = wait_for(c, job.id, {"failed"})
+            assert str(cache) not in failed["error"] and "/opt/secret" not in failed["error"]
+            assert "<models_cache>/tiny-llama/x/w.safetensors" in failed["error"] and ".../w.bin" in failed["error"]
+            listing = c.get("/api/transcoders").text + c.get("/api/models").text
+            assert str(cache) not in listing and str(cache.resolve()) not in listing
+            assert "broken-clt" in listing
+    finally:
+        import shutil
+        shutil.rmtree(broken)
+
+
+# ------------------------------------------------------------------------------ the spec tells the truth
+
+def test_openapi_declares_auth_on_writes_only_and_every_error_it_sends(client):
+    spec = client.get("/openapi.json").json()
+    assert set(spec["components"]["securitySchemes"]) == {"bearerToken"}
+    assert "HTTPValidationError" not in spec["components"]["schemas"]
+    for path, item in spec["paths"].items():
+        for method, op in item.items():
+            codes = set(op["responses"])
+            if method == "get":
+                assert "security" not in op, (path, method)
+            else:
+                assert op["security"] == [{"bearerToken": []}], (path, method)
+                assert {"401", "413"} <= codes, (path, method)
+            assert "400" in codes
+            if op.get("parameters") or "requestBody" in op:
+                assert "422" in codes, (path, method)
+            if "{" in path:
+                assert "404" in codes, (path, method)
+            for code in codes - {"200", "201", "202"}:
+                schema = op["responses"][code]["content"]["application/json"]["schema"]
+                assert schema == {"$ref": "#/components/schemas/ErrorOut"}, (path, method, code)
+    assert "409" in spec["paths"]["/api/jobs/{job_id}"]["delete"]["responses"]
+    assert "404" in spec["paths"]["/api/jobs"]["post"]["responses"]
+    assert "404" in spec["paths"]["/api/features/lookup"]["get"]["responses"]
+
+
+def test_every_error_answer_is_the_documented_error_shape(client):
+    from backend.api.schemas import ErrorOut
+    answers = [client.post("/api/jobs", json=prune_body(k=0)), client.get("/api/jobs/7"),
+               client.get(f"/api/jobs/{HUGE}"), client.post("/api/jobs", content=b"{",
+                                                          headers={"content-type": "application/json"}),
+               client.post("/api/jobs", json=prune_body(task="no-such-task")),
+               client.get("/api/jobs", headers={"host": "evil.example"})]
+    assert [a.status_code for a in answers] == [422, 404, 422, 422, 404, 400]
+    for answer in answers:
+        ErrorOut.model_validate(answer.json(), strict=True)
+        assert "\n" not in answer.json()["detail"]
+
+
+# ------------------------------------------------------------------------------ who may talk to the worker
+
+def test_an_empty_token_is_an_error_not_open_writes(api_settings):
+    from backend.errors import UserError
+    for empty in ("", "   "):
+        with pytest.raises(UserError, match="set but empty"):
+            create_app(api_settings.model_copy(update={"api_token": empty}))
+
+
+def test_listening_beyond_loopback_needs_a_token(api_settings):
+    from backend.api.app import check_exposure
+    from backend.errors import UserError
+    for host in ("0.0.0.0", "192.168.1.5", "::", "gpu-box"):
+        with pytest.raises(UserError, match="needs PIESCOPE_API_TOKEN"):
+            check_exposure(api_settings, host)
+    for host in ("127.0.0.1", "localhost", "::1", "127.0.0.2"):
+        check_exposure(api_settings, host)
+    check_exposure(api_settings.model_copy(update={"api_token": "s3cret"}), "0.0.0.0")
+
+
+def test_host_header_allow_list_defaults_to_loopback_names(api_settings):
+    defaults = api_settings.model_copy(update={"allowed_hosts": Settings.model_fields["allowed_hosts"].default})
+    with TestClient(create_app(defaults)) as c:
+        refused = c.get("/api/jobs")  # TestClient's Host is 'testserver'
+        assert refused.status_code == 400 and "does not answer for Host 'testserver'" in detail(refused)
+        for host in ("127.0.0.1:8000", "localhost", "LOCALHOST:1", "[::1]:8000"):
+            assert c.get("/api/jobs", headers={"host": host}).status_code == 200, host
+        for host in ("evil.example", "127.0.0.1.evil.example", "localhost.evil.example:8000", ""):
+            assert c.get("/api/health", headers={"host": host}).status_code == 400, host
+        assert c.post("/api/jobs", json=prune_body(), headers={"host": "evil.example"}).status_code == 400
+    with TestClient(create_app(defaults.model_copy(update={"allowed_hosts": "*"}))) as c:
+        assert c.get("/api/health", headers={"host": "anything.example"}).status_code == 200

@@ -45,7 +45,7 @@ def test_import_stores_a_circuit_that_exports_the_same_graph(client):
 
 
 @pytest.mark.parametrize("body, status, message", [
-    (b"{not json", 400, "not JSON"),
+    (b"{not json", 422, "not valid JSON"),  # refused by the request guard, before the route
     (b"[1, 2]", 422, "object"),
     (json.dumps(_mutated(links__0__target="ghost")).encode(), 422, "ghost"),
     (json.dumps({"metadata": {"prompt_tokens": ["a"]}, "nodes": [], "links": []}).encode(), 422, "nodes"),

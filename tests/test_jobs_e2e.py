@@ -1,10 +1,13 @@
 """End to end: jobs through the HTTP API on a tiny Llama + random CLT, checked against direct
-calls of the PIE engine with the same parameters."""
+calls of the PIE engine with the same parameters; and 20 concurrent writers while jobs store
+their results. Everything runs on SQLite and on PostgreSQL."""
 
 from __future__ import annotations
 
 import json
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -15,11 +18,20 @@ from fastapi.testclient import TestClient  # noqa: E402
 from backend import jobs as job_functions  # noqa: E402
 from backend.api.app import create_app  # noqa: E402
 from backend.circuits import pipeline  # noqa: E402
-from tests.api_fixtures import TINY_CLT, TINY_MODEL, api_settings, tiny_cache  # noqa: E402,F401
+from backend.store import queries  # noqa: E402
+from backend.store.db import transaction  # noqa: E402
+from tests.api_fixtures import (TINY_CLT, TINY_MODEL, pg_cluster, store_settings, store_url,  # noqa: E402,F401
+                                tiny_cache)
 
 DATASET = {"model": TINY_MODEL, "transcoder": TINY_CLT, "task": "ioi", "n": 4, "seed": 0}
 SWEEP = {**DATASET, "methods": ["fap", "random"], "ks": [4, 2], "random_seeds": 1, "batch_size": 1}
 PRUNE = {**DATASET, "method": "fap", "k": 3, "batch_size": 2}
+
+
+@pytest.fixture
+def api_settings(store_settings):
+    """Every test here runs on both backends."""
+    return store_settings
 
 
 @pytest.fixture
@@ -77,22 +89,34 @@ def test_sweep_job_lifecycle_matches_a_direct_run_and_is_reused(client, api_sett
     assert client.get("/api/sweeps").json()["total"] == 1
 
 
-def test_prune_job_stores_the_circuit_and_a_failing_job_leaves_it_alone(client, api_settings):
-    job, _ = run_to_end(client, {"kind": "prune", "params": PRUNE})
-    assert job["status"] == "done", job["error"]
-    circuit = client.get(f"/api/circuits/{job['circuit_id']}").json()
-    params = job_functions.normalise(job_functions.PruneParams(**PRUNE))
-    direct = job_functions.run_prune(job_functions.JobContext(api_settings), params).result
-    assert untimed(circuit["prompts"]) == untimed(direct.to_json()["prompts"])
-    assert circuit["kl_mean"] == pytest.approx(direct.kl.mean)
-    assert all(len(p["kept"]) <= 3 for p in circuit["prompts"])
+def test_prune_job_stores_the_circuit_and_a_failing_job_leaves_it_alone(api_settings, tmp_path):
+    import shutil
 
-    bad, _ = run_to_end(client, {"kind": "prune", "params": {**PRUNE, "corruption": "no-such-corruption"}})
-    assert bad["status"] == "failed" and "no-such-corruption" in bad["error"]
-    assert client.get(f"/api/circuits/{job['circuit_id']}").json() == circuit
-    assert client.get(f"/api/jobs/{job['id']}").json()["status"] == "done"
-    listed = client.get("/api/circuits", params={"model": TINY_MODEL, "task": "ioi", "method": "fap", "k": 3})
-    assert [c["id"] for c in listed.json()["items"]] == [job["circuit_id"]]
+    from backend.models.transcoder import Transcoder, TranscoderConfig
+    from backend.models.transcoder_files import save_transcoder
+    cache = tmp_path / "models_cache"  # the tiny cache plus a transcoder whose shapes do not fit the model
+    shutil.copytree(api_settings.models_cache, cache)
+    save_transcoder(Transcoder.random(TranscoderConfig(kind="clt", n_layers=3, d_model=8, n_features=4,
+                                                       activation="relu", model_name=TINY_MODEL)),
+                    cache / TINY_MODEL / "narrow")
+    settings = api_settings.model_copy(update={"models_cache": cache})
+    with TestClient(create_app(settings)) as client:
+        job, _ = run_to_end(client, {"kind": "prune", "params": PRUNE})
+        assert job["status"] == "done", job["error"]
+        circuit = client.get(f"/api/circuits/{job['circuit_id']}").json()
+        params = job_functions.normalise(job_functions.PruneParams(**PRUNE))
+        direct = job_functions.run_prune(job_functions.JobContext(settings), params).result
+        assert untimed(circuit["prompts"]) == untimed(direct.to_json()["prompts"])
+        assert circuit["kl_mean"] == pytest.approx(direct.kl.mean)
+        assert all(len(p["kept"]) <= 3 for p in circuit["prompts"])
+
+        bad, _ = run_to_end(client, {"kind": "prune", "params": {**PRUNE, "transcoder": f"{TINY_MODEL}/narrow"}})
+        assert bad["status"] == "failed" and "d_model" in bad["error"], bad["error"]
+        assert str(cache) not in bad["error"]  # the reason, without server paths
+        assert client.get(f"/api/circuits/{job['circuit_id']}").json() == circuit
+        assert client.get(f"/api/jobs/{job['id']}").json()["status"] == "done"
+        listed = client.get("/api/circuits", params={"model": TINY_MODEL, "task": "ioi", "method": "fap", "k": 3})
+        assert [c["id"] for c in listed.json()["items"]] == [job["circuit_id"]]
 
 
 def test_graph_job_stores_the_graph_on_the_circuit(client):
@@ -131,6 +155,8 @@ def test_graph_targets_are_stored_apart_and_the_cli_builds_the_same_job(client, 
     # `piescope graph build` runs the same job in-process on the same store.
     monkeypatch.setenv("PIESCOPE_MODELS_CACHE", str(api_settings.models_cache))
     monkeypatch.setenv("PIESCOPE_DATA_DIR", str(api_settings.data_dir))
+    if api_settings.db_url:
+        monkeypatch.setenv("PIESCOPE_DB_URL", api_settings.db_url)
     assert main(["graph", "build", "--circuit", str(circuit_id), "--prompt", "0"]) == 0
     assert "stored graph '0'" in capsys.readouterr().out
     circuit = client.get(f"/api/circuits/{circuit_id}").json()
@@ -158,3 +184,97 @@ def test_a_cached_circuit_read_sees_a_new_graph(client):
     run_to_end(client, {"kind": "graph", "params": {"circuit_id": job["circuit_id"], "prompt": 0}})
     after = client.get(f"/api/circuits/{job['circuit_id']}").json()
     assert first["graph_keys"] == [] and after["graph_keys"] == ["0"]
+
+
+# ------------------------------------------------------------------------------ concurrent writers
+
+CLIENTS = 20
+ROUNDS = 4
+N_EXPLANATIONS = 3  # shared by the clients: every edit of one contends for its revision counter
+
+
+@pytest.fixture
+def live_server(api_settings):
+    """The worker on 127.0.0.1 (an ephemeral port) in a thread; yields (base URL, app)."""
+    import uvicorn
+    app = create_app(api_settings)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not (server.started and server.servers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.started
+    try:
+        yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}", app
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def test_twenty_clients_writing_while_jobs_store_results_lose_nothing(live_server):
+    """20 clients edit shared explanations, annotate, rate and score while prune jobs store
+    circuits: every write answers 2xx and is there afterwards, and every explanation's revisions
+    run 1..R without a gap or a duplicate."""
+    import httpx
+    base, app = live_server
+    with transaction(app.state.sessions) as s:
+        model = queries.get_or_create_model(s, TINY_MODEL, "llama")
+        tc = queries.get_or_create_transcoder(s, TINY_CLT, model)
+        feature_id = queries.get_or_create_feature(s, tc, 0, 1).id
+    http = httpx.Client(base_url=base, timeout=120)
+    explanations = [http.post(f"/api/features/{feature_id}/explanations", json={"text": f"original {e}"}).json()["id"]
+                    for e in range(N_EXPLANATIONS)]
+    jobs = [http.post("/api/jobs", json={"kind": "prune", "params": {**PRUNE, "k": k}}).json()["id"] for k in (2, 3)]
+    start = threading.Barrier(CLIENTS)
+
+    def writer(i: int) -> list[tuple[str, int, str, int]]:
+        """One client's writes: (what, explanation id, text or label, HTTP status / revision)."""
+        done = []
+        with httpx.Client(base_url=base, timeout=120) as c:
+            start.wait()
+            for r in range(ROUNDS):
+                eid = explanations[(i + r) % N_EXPLANATIONS]
+                text = f"client {i} round {r}"
+                edit = c.patch(f"/api/explanations/{eid}", json={"text": text, "author": f"c{i}"})
+                assert edit.status_code == 200, edit.text
+                done.append(("edit", eid, text, edit.json()["revision"]))
+                label = f"c{i}-r{r}"
+                note = c.post(f"/api/explanations/{eid}/annotations", json={"rating": r % 3, "label": label})
+                assert note.status_code == 201, note.text
+                done.append(("rating", eid, label, note.json()["rating"]))
+                comment = c.post(f"/api/features/{feature_id}/annotations", json={"comment": label})
+                assert comment.status_code == 201, comment.text
+                score = c.post(f"/api/explanations/{eid}/scores", json={"metric": label, "value": i + r / 10})
+                assert score.status_code == 201, score.text
+                done.append(("score", eid, label, 0))
+        return done
+
+    with ThreadPoolExecutor(CLIENTS) as pool:
+        writes = [w for result in pool.map(writer, range(CLIENTS)) for w in result]
+
+    deadline = time.monotonic() + 300
+    for job_id in jobs:
+        while (job := http.get(f"/api/jobs/{job_id}").json())["status"] in ("queued", "running"):
+            assert time.monotonic() < deadline, job
+            time.sleep(0.1)
+        assert job["status"] == "done", job["error"]
+        assert http.get(f"/api/circuits/{job['circuit_id']}").status_code == 200
+
+    for eid in explanations:
+        edits = [(text, rev) for what, e, text, rev in writes if what == "edit" and e == eid]
+        current = http.get(f"/api/explanations/{eid}").json()
+        history = http.get(f"/api/explanations/{eid}/revisions").json()
+        assert current["revision"] == 1 + len(edits) == len(history)
+        assert [h["revision"] for h in history] == list(range(1, len(edits) + 2))
+        assert sorted(rev for _, rev in edits) == list(range(2, len(edits) + 2))  # each edit its own number
+        by_revision = {h["revision"]: h["text"] for h in history}
+        assert all(by_revision[rev] == text for text, rev in edits)  # each edit's text at its revision
+        assert current["text"] == history[-1]["text"]
+        notes = http.get(f"/api/explanations/{eid}/annotations").json()
+        assert sorted(n["label"] for n in notes) == sorted(t for w, e, t, _ in writes if w == "rating" and e == eid)
+        scores = http.get(f"/api/explanations/{eid}/scores").json()
+        assert sorted(s["metric"] for s in scores) == sorted(t for w, e, t, _ in writes if w == "score" and e == eid)
+    comments = http.get(f"/api/features/{feature_id}/annotations").json()
+    assert len([c for c in comments if c["explanation_id"] is None]) == CLIENTS * ROUNDS
+    http.close()

@@ -1,4 +1,5 @@
-"""The store: migrations up/down/up, schema == ORM, PostgreSQL DDL, and the query functions."""
+"""The store: migrations up/down/up, schema == ORM, PostgreSQL DDL, and the query functions,
+on SQLite and on a real PostgreSQL server (`store_url` is parametrised over both)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from backend.errors import InvalidParameterError, NotFoundError
 from backend.store import queries
 from backend.store.db import alembic_config, downgrade_to, make_engine, session_factory, transaction, upgrade_to_head
 from backend.store.tables import Base
+from tests.api_fixtures import pg_cluster, store_url  # noqa: F401 (fixtures)
 
 TABLES = {"models", "transcoders", "datasets", "jobs", "circuits", "sweeps", "sweep_points", "features",
           "examples", "explanations", "explanation_revisions", "explanation_scores", "annotations",
@@ -24,8 +26,8 @@ TABLES = {"models", "transcoders", "datasets", "jobs", "circuits", "sweeps", "sw
 
 
 @pytest.fixture
-def url(tmp_path) -> str:
-    return f"sqlite:///{tmp_path / 'store' / 'piescope.db'}"
+def url(store_url) -> str:
+    return store_url
 
 
 @pytest.fixture
@@ -212,3 +214,18 @@ def test_an_undefined_faithfulness_mean_is_stored_not_a_failed_job(sessions):
         assert queries.circuit_result(row).faithfulness_mean is None
         assert CircuitSummary(**_circuit_fields(row)).faithfulness_mean is None
         assert [p.faithfulness_mean for p in queries.get_sweep(session, sweep_id).points] == [None] * 2
+
+
+def test_timestamps_read_back_timezone_aware_in_utc(sessions):
+    from datetime import datetime, timedelta, timezone
+    later = datetime(2026, 12, 1, 10, 30, tzinfo=timezone(timedelta(hours=2)))
+    with transaction(sessions) as s:
+        job = queries.create_job(s, "prune", {}, "t" * 64, "cpu")
+        job.started_at = later
+        job_id = job.id
+    with sessions() as s:
+        row = queries.get_job(s, job_id)
+        assert row.created_at.tzinfo is not None and row.created_at.utcoffset() == timedelta(0)
+        assert row.started_at == later and row.started_at.utcoffset() == timedelta(0)
+    with pytest.raises(Exception, match="naive datetime"), transaction(sessions) as s:
+        queries.get_job(s, job_id).finished_at = datetime(2026, 12, 1)

@@ -28,7 +28,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from backend import jobs as job_functions
-from backend.errors import UserError
+from backend.api.redact import redact
+from backend.errors import ConflictError, UserError
 from backend.settings import Settings
 from backend.store import queries
 from backend.store.db import transaction
@@ -304,12 +305,16 @@ class JobExecutor:
             return job, False
 
     def cancel(self, job_id: int) -> Job:
-        """Cancel a job: queued -> cancelled at once; running -> stops at its next progress report."""
+        """Cancel a job: queued -> cancelled at once; running -> stops at its next progress report.
+
+        A job that already ended (done, failed, cancelled) -> ConflictError (409).
+        """
         with transaction(self.sessions) as session:
             job = queries.get_job(session, job_id)
-            if job.status == "queued":
-                queries.cancel_queued_job(session, job_id)
-            elif job.status == "running":
+            if job.status not in queries.ACTIVE:
+                raise ConflictError(f"job {job_id} is already {job.status}: only a queued or running job "
+                                    "can be cancelled")
+            if not queries.cancel_queued_job(session, job_id):  # running (or it has just started)
                 with self._lock:
                     event = self._cancel.get(job_id)
                 if event is not None:
@@ -355,7 +360,7 @@ class JobExecutor:
                 return
             last[0] = now
             with transaction(self.sessions) as session:
-                queries.set_job_progress(session, job_id, fraction, message)
+                queries.set_job_progress(session, job_id, fraction, redact(message, self.settings))
 
         return report
 
@@ -388,5 +393,8 @@ class JobExecutor:
             self._finish(job_id, "failed", text, text)
 
     def _finish(self, job_id: int, status: str, message: str, error: str | None) -> None:
+        """End a job; its reason is stored without server paths (clients read it)."""
+        message = redact(message, self.settings)
+        error = None if error is None else redact(error, self.settings)
         with transaction(self.sessions) as session:
             queries.finish_job(session, job_id, status, message=message, error=error)

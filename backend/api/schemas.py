@@ -2,22 +2,43 @@
 
 Job parameter schemas are those of `backend.jobs` (shared with the CLI), so the API and the CLI
 validate, normalise and hash requests the same way. Text fields are stored as given: the
-dashboard escapes them when it renders.
+dashboard escapes them when it renders. Every error answer (4xx) is an `ErrorOut`; every
+timestamp carries its zone (UTC).
 """
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Annotated, Any, Generic, Literal, TypeVar
+import re
+from typing import Annotated, Any, Generic, Literal, TypeVar, Union
 
-from pydantic import BaseModel, ConfigDict, Field, computed_field
+from fastapi import Path, Query
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, computed_field, create_model
 
-from backend.jobs import (EdgeParams, EdgeSweepParams, ExplainParams, GraphParams, HagdParams, PruneParams,
-                          ScoreParams, SweepParams)
+from backend.api.jobs import PIE_KINDS
+from backend.store.tables import MAX_DB_INT
 
 T = TypeVar("T")
 MAX_TEXT = 20_000
 MAX_SHORT = 200
+
+# Path and query integers the store can hold (PostgreSQL integers are 32-bit): beyond -> 422.
+RecordId = Annotated[int, Path(ge=1, le=MAX_DB_INT, description="record id", examples=[1])]
+Offset = Annotated[int, Query(ge=0, le=MAX_DB_INT, description="rows to skip")]
+
+
+class FieldError(BaseModel):
+    """One invalid part of a request: where (`loc`, e.g. ["body", "params", "k"]), what, which rule."""
+
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class ErrorOut(BaseModel):
+    """Every 4xx answer: one line saying what is wrong; for invalid requests, the fields too."""
+
+    detail: str
+    errors: list[FieldError] = Field(default_factory=list)
 
 
 class Page(BaseModel, Generic[T]):
@@ -31,56 +52,17 @@ class Page(BaseModel, Generic[T]):
 
 # ------------------------------------------------------------------------------ jobs
 
-class PruneJobCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    kind: Literal["prune"]
-    params: PruneParams
+def job_request(kind: str, params: type[BaseModel]) -> type[BaseModel]:
+    """The request body of one job kind: {"kind": kind, "params": <its params model>}."""
+    name = "".join(part.capitalize() for part in re.split(r"[^A-Za-z0-9]+", kind)) + "JobCreate"
+    return create_model(name, __config__=ConfigDict(extra="forbid"), kind=(Literal[kind], ...),
+                        params=(params, ...))
 
 
-class SweepJobCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    kind: Literal["sweep"]
-    params: SweepParams
-
-
-class GraphJobCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    kind: Literal["graph"]
-    params: GraphParams
-
-
-class ExplainJobCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    kind: Literal["explain"]
-    params: ExplainParams
-
-
-class ScoreJobCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    kind: Literal["score"]
-    params: ScoreParams
-
-
-class EdgesJobCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    kind: Literal["edges"]
-    params: EdgeParams
-
-
-class EdgeSweepJobCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    kind: Literal["edge-sweep"]
-    params: EdgeSweepParams
-
-
-class HagdJobCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    kind: Literal["hagd"]
-    params: HagdParams
-
-
-JobCreate = Annotated[PruneJobCreate | SweepJobCreate | GraphJobCreate | ExplainJobCreate | ScoreJobCreate
-                      | EdgesJobCreate | EdgeSweepJobCreate | HagdJobCreate, Field(discriminator="kind")]
+# A discriminated union over the executor's registry (backend.api.jobs.PIE_KINDS): a new kind
+# plugs in there, and a bad request gets the errors of its own kind only.
+JobCreate = Annotated[Union[tuple(job_request(kind, spec.params) for kind, spec in PIE_KINDS.items())],  # noqa: UP007
+                      Field(discriminator="kind")]
 
 
 class JobOut(BaseModel):
@@ -96,9 +78,9 @@ class JobOut(BaseModel):
     message: str
     error: str | None
     device: str
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
+    created_at: AwareDatetime
+    started_at: AwareDatetime | None
+    finished_at: AwareDatetime | None
     circuit_id: int | None
     sweep_id: int | None
     edge_circuit_id: int | None = None
@@ -122,13 +104,13 @@ class CircuitSummary(BaseModel):
     n_prompts: int
     kl_mean: float | None = Field(description="None for a circuit imported from a graph file (not measured)")
     kl_std: float | None
-    kl_ci95: tuple[float | None, float | None]
+    kl_ci95: list[float | None] = Field(min_length=2, max_length=2, description="(low, high)")
     pred_change_rate: float | None
     faithfulness_mean: float | None
     completeness_mean: float | None
     seconds: float
     graph_keys: list[str] = Field(description="computed attribution graphs: 'all' and/or prompt indices")
-    created_at: datetime
+    created_at: AwareDatetime
 
 
 class CircuitDetail(CircuitSummary):
@@ -155,7 +137,7 @@ class SweepSummary(BaseModel):
     kl_none_mean: float
     n_active_mean: float
     seconds: float
-    created_at: datetime
+    created_at: AwareDatetime
 
 
 class SweepDetail(SweepSummary):
@@ -185,7 +167,7 @@ class ScoreOut(BaseModel):
     metric: str
     value: float
     rater: str
-    created_at: datetime
+    created_at: AwareDatetime
 
     @computed_field(description="true for the offline lexical rater: a proxy, never to be compared "
                                 "with human or LLM ratings")
@@ -198,7 +180,7 @@ class ScoreOut(BaseModel):
 class ScoreCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
     metric: str = Field(min_length=1, max_length=50)
-    value: float
+    value: float = Field(allow_inf_nan=False, description="a finite number")
     rater: str = Field("", max_length=MAX_SHORT)
 
 
@@ -211,8 +193,8 @@ class ExplanationOut(BaseModel):
     author: str
     model: str | None
     revision: int
-    created_at: datetime
-    updated_at: datetime
+    created_at: AwareDatetime
+    updated_at: AwareDatetime
 
 
 class RevisionOut(BaseModel):
@@ -222,7 +204,7 @@ class RevisionOut(BaseModel):
     source: str
     author: str
     model: str | None
-    created_at: datetime
+    created_at: AwareDatetime
 
 
 class ExplanationCreate(BaseModel):
@@ -252,7 +234,7 @@ class AnnotationOut(BaseModel):
     label: str | None
     comment: str | None
     author: str
-    created_at: datetime
+    created_at: AwareDatetime
 
 
 class AnnotationCreate(BaseModel):
@@ -298,10 +280,10 @@ class EdgeCircuitSummary(BaseModel):
     n_kept: int
     sparsity: float
     kl_mean: float
-    kl_ci95: tuple[float, float]
+    kl_ci95: list[float] = Field(min_length=2, max_length=2, description="(low, high)")
     recovered: float | None
     seconds: float
-    created_at: datetime
+    created_at: AwareDatetime
 
 
 class EdgeCircuitDetail(EdgeCircuitSummary):
@@ -317,7 +299,7 @@ class EdgeSweepSummary(BaseModel):
     n_prompts: int
     n_edges: int
     seconds: float
-    created_at: datetime
+    created_at: AwareDatetime
 
 
 class EdgeSweepDetail(EdgeSweepSummary):
@@ -342,7 +324,7 @@ class HierarchySummary(BaseModel):
     necessity_std: float
     evaluations: int
     seconds: float
-    created_at: datetime
+    created_at: AwareDatetime
 
 
 class HierarchyDetail(HierarchySummary):

@@ -81,7 +81,9 @@ class Circuit:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Circuit:
         data = dict(data)
-        data["prompts"] = [PromptCircuit(**{**p, "kept": [FeatureOccurrence(**o) for o in p["kept"]]})
+        # The store writes an undefined (NaN) faithfulness as null: it reads back as NaN.
+        data["prompts"] = [PromptCircuit(**{**p, "kept": [FeatureOccurrence(**o) for o in p["kept"]],
+                                            "faithfulness": _nan_if_none(p["faithfulness"])})
                            for p in data["prompts"]]
         data["features"] = [AggregatedFeature(**f) for f in data["features"]]
         data["kl"] = Stat(data["kl"]["mean"], data["kl"]["std"], tuple(data["kl"]["ci95"]))
@@ -156,3 +158,7 @@ class SweepResult:
         for key in ("rows", "random_curve", "budget_runs"):
             data[key] = [SweepRow(**{**r, "kl_ci95": tuple(r["kl_ci95"])}) for r in data.get(key, [])]
         return cls(**data)
+
+
+def _nan_if_none(value: float | None) -> float:
+    return float("nan") if value is None else value

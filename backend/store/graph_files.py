@@ -121,5 +121,10 @@ def export_graph(session: Session, circuit_id: int, key: str, prompt: int | None
     if index not in graphs:
         raise NotFoundError(f"graph '{key}' of circuit {circuit_id} has no prompt {index}; it has {sorted(graphs)}")
     text = next((p["clean"] for p in row.prompts if p["index"] == index), "")
-    return Graph.from_json(graphs[index]).to_neuronpedia(
+    try:
+        graph = Graph.from_json(graphs[index])
+    except (KeyError, TypeError, ValueError) as err:  # a stored document that is not a whole graph
+        raise NotFoundError(f"graph '{key}' of circuit {circuit_id} has no complete graph of prompt {index} "
+                            f"to export (missing {err})") from None
+    return graph.to_neuronpedia(
         slug=f"piescope-circuit-{circuit_id}-prompt-{index}", scan=row.transcoder.name, prompt=text)

@@ -25,8 +25,9 @@ INTERRUPTED = "interrupted: the worker stopped before the job finished"
 ACTIVE = ("queued", "running")
 
 
-def _get(session: Session, table: type, row_id: int, what: str):
-    row = session.get(table, row_id)
+def _get(session: Session, table: type, row_id: int, what: str, *, for_update: bool = False):
+    """The row or NotFoundError; for_update locks it (PostgreSQL) for a read-modify-write."""
+    row = session.get(table, row_id, with_for_update=for_update or None, populate_existing=for_update)
     if row is None:
         raise NotFoundError(f"no {what} with id {row_id}")
     return row
@@ -463,8 +464,11 @@ def create_explanation(session: Session, feature_id: int, text: str, source: str
 def update_explanation(session: Session, explanation_id: int, *, text: str | None = None,
                        source: str | None = None, author: str | None = None,
                        model: str | None = None) -> Explanation:
-    """Edit an explanation: the new version becomes current and is appended to the history."""
-    row = get_explanation(session, explanation_id)
+    """Edit an explanation: the new version becomes current and is appended to the history.
+
+    The row is locked first, so concurrent edits each get their own revision number.
+    """
+    row = _get(session, Explanation, explanation_id, "explanation", for_update=True)
     if source is not None:
         _check_source(source)
     now: datetime = utcnow()
@@ -541,7 +545,7 @@ def list_annotations(session: Session, *, explanation_id: int | None = None,
 
 def update_annotation(session: Session, annotation_id: int, *, rating: int | None = None,
                       label: str | None = None, comment: str | None = None) -> Annotation:
-    row = _get(session, Annotation, annotation_id, "annotation")
+    row = _get(session, Annotation, annotation_id, "annotation", for_update=True)
     if rating is not None:
         if rating not in (0, 1, 2):
             raise InvalidParameterError(f"rating must be 0, 1 or 2, not {rating}")

@@ -2,7 +2,7 @@
 
 Portable by construction: generic types only (JSON, not SQLite's JSON1 or PostgreSQL's JSONB),
 so the same schema runs on SQLite (the default) and PostgreSQL (by URL). The hand-written
-Alembic revisions in `migrations/versions/` create exactly these tables; `tests/test_store.py`
+Alembic revisions in `backend/store/migrations/versions/` create exactly these tables; `tests/test_store.py`
 checks that the two never drift apart.
 
 Naming: every constraint and index has an explicit, stable name (see `NAMING`), so migrations
@@ -11,11 +11,12 @@ can drop them by name on every backend.
 
 from __future__ import annotations
 
+import math
 from datetime import datetime, timezone
 from typing import Any
 
 from sqlalchemy import (JSON, Boolean, CheckConstraint, DateTime, Float, ForeignKey, Index, Integer,
-                        MetaData, String, Text, UniqueConstraint)
+                        MetaData, String, Text, TypeDecorator, UniqueConstraint)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 NAMING = {
@@ -29,11 +30,58 @@ NAMING = {
 JOB_STATUSES = ("queued", "running", "done", "failed", "cancelled")
 JOB_KINDS = ("prune", "sweep", "graph", "explain", "score", "edges", "edge-sweep", "hagd")
 EXPLANATION_SOURCES = ("llm", "offline", "human")
+# Integer columns (ids included) are 32-bit on PostgreSQL: the API accepts no id, layer, index or
+# offset beyond this, so a lookup never overflows the driver.
+MAX_DB_INT = 2**31 - 1
 
 
 def utcnow() -> datetime:
     """Timezone-aware now, the default of every timestamp column."""
     return datetime.now(timezone.utc)
+
+
+class UTCDateTime(TypeDecorator):
+    """A timezone-aware timestamp on every backend: stored as UTC, read back with tzinfo=UTC.
+
+    PostgreSQL keeps the zone itself; SQLite has no zone type and returns naive values, which
+    are UTC because every write goes through here.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: the store keeps timezone-aware timestamps only")
+        return value.astimezone(timezone.utc)
+
+    def process_result_value(self, value: datetime | None, dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+
+class FiniteJSON(TypeDecorator):
+    """JSON that every backend accepts: NaN and infinities are stored as null (PostgreSQL's JSON
+    rejects the NaN token that Python's json writes; SQLite would keep a non-standard document)."""
+
+    impl = JSON
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: Any) -> Any:
+        return _finite(value)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _in(column: str, values: tuple[str, ...]) -> str:
@@ -42,7 +90,7 @@ def _in(column: str, values: tuple[str, ...]) -> str:
 
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
-    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON, float: Float(), datetime: DateTime(timezone=True)}
+    type_annotation_map = {dict[str, Any]: FiniteJSON(), list[Any]: FiniteJSON(), float: Float(), datetime: UTCDateTime()}
 
 
 class Model(Base):
@@ -158,7 +206,7 @@ class Circuit(Base):
     completeness_mean: Mapped[float | None]
     seconds: Mapped[float]
     cost: Mapped[dict[str, Any]] = mapped_column(default=dict)
-    graphs: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    graphs: Mapped[dict[str, Any] | None] = mapped_column(FiniteJSON())
     graph_keys: Mapped[list[Any]] = mapped_column(default=list)  # keys of `graphs`, for light listings
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     revision: Mapped[int] = mapped_column(server_default="1")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Query
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -19,7 +19,7 @@ router = APIRouter(prefix="/api/dashboard", tags=["dashboard"])
 
 
 @router.get("/explanations")
-def newest_explanations(transcoder: str, session: Session = Depends(get_session)) -> list[dict[str, Any]]:
+def newest_explanations(transcoder: str = Query(max_length=200), session: Session = Depends(get_session)) -> list[dict[str, Any]]:
     """Rows {layer, index, feature_id, explanation_id, text, source}: each feature's newest edit."""
     stmt = (select(Feature.layer, Feature.index, Feature.id, Explanation.id, Explanation.text, Explanation.source,
                    Explanation.updated_at)

@@ -6,7 +6,8 @@ from fastapi import APIRouter, Depends, Query
 from sqlalchemy.orm import Session
 
 from backend.api.deps import get_session
-from backend.api.schemas import EdgeCircuitDetail, EdgeCircuitSummary, EdgeSweepDetail, EdgeSweepSummary, Page
+from backend.api.schemas import (EdgeCircuitDetail, EdgeCircuitSummary, EdgeSweepDetail, EdgeSweepSummary, Offset, Page,
+                                 RecordId)
 from backend.store import queries
 from backend.store.tables import EdgeCircuit, EdgeSweep
 
@@ -34,7 +35,7 @@ def edge_methods() -> list[dict]:
 
 @router.get("/edge-circuits", response_model=Page[EdgeCircuitSummary])
 def list_edge_circuits(model: str | None = None, task: str | None = None, method: str | None = None,
-                       limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0),
+                       limit: int = Query(50, ge=1, le=500), offset: Offset = 0,
                        session: Session = Depends(get_session)) -> Page[EdgeCircuitSummary]:
     """Edge circuits filtered by model, task and method; newest first."""
     rows, total = queries.list_edge_circuits(session, model=model, task=task, method=method, limit=limit,
@@ -44,7 +45,7 @@ def list_edge_circuits(model: str | None = None, task: str | None = None, method
 
 
 @router.get("/edge-circuits/{circuit_id}", response_model=EdgeCircuitDetail)
-def get_edge_circuit(circuit_id: int, session: Session = Depends(get_session)) -> EdgeCircuitDetail:
+def get_edge_circuit(circuit_id: RecordId, session: Session = Depends(get_session)) -> EdgeCircuitDetail:
     """One edge circuit: kept edges with scores, counts, metrics with CIs, cost."""
     row = queries.get_edge_circuit(session, circuit_id)
     return EdgeCircuitDetail(**_circuit_fields(row), result=row.result)
@@ -52,7 +53,7 @@ def get_edge_circuit(circuit_id: int, session: Session = Depends(get_session)) -
 
 @router.get("/edge-sweeps", response_model=Page[EdgeSweepSummary])
 def list_edge_sweeps(model: str | None = None, task: str | None = None,
-                     limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0),
+                     limit: int = Query(50, ge=1, le=500), offset: Offset = 0,
                      session: Session = Depends(get_session)) -> Page[EdgeSweepSummary]:
     rows, total = queries.list_edge_sweeps(session, model=model, task=task, limit=limit, offset=offset)
     return Page[EdgeSweepSummary](items=[EdgeSweepSummary(**_sweep_fields(r)) for r in rows], total=total,
@@ -60,6 +61,6 @@ def list_edge_sweeps(model: str | None = None, task: str | None = None,
 
 
 @router.get("/edge-sweeps/{sweep_id}", response_model=EdgeSweepDetail)
-def get_edge_sweep(sweep_id: int, session: Session = Depends(get_session)) -> EdgeSweepDetail:
+def get_edge_sweep(sweep_id: RecordId, session: Session = Depends(get_session)) -> EdgeSweepDetail:
     row = queries.get_edge_sweep(session, sweep_id)
     return EdgeSweepDetail(**_sweep_fields(row), result=row.result)

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Depends, Query
 from sqlalchemy.orm import Session
 
 from backend.api.deps import get_session
-from backend.api.schemas import HierarchyDetail, HierarchySummary, Page
+from backend.api.schemas import HierarchyDetail, HierarchySummary, Offset, Page, RecordId
 from backend.store import queries
 from backend.store.tables import Hierarchy
 
@@ -23,7 +23,7 @@ def _fields(row: Hierarchy) -> dict:
 
 @router.get("/hierarchies", response_model=Page[HierarchySummary])
 def list_hierarchies(model: str | None = None, task: str | None = None, limit: int = Query(50, ge=1, le=500),
-                     offset: int = Query(0, ge=0), session: Session = Depends(get_session)) -> Page[HierarchySummary]:
+                     offset: Offset = 0, session: Session = Depends(get_session)) -> Page[HierarchySummary]:
     """HAGD runs filtered by model and task; newest first."""
     rows, total = queries.list_hierarchies(session, model=model, task=task, limit=limit, offset=offset)
     return Page[HierarchySummary](items=[HierarchySummary(**_fields(r)) for r in rows], total=total,
@@ -31,7 +31,7 @@ def list_hierarchies(model: str | None = None, task: str | None = None, limit: i
 
 
 @router.get("/hierarchies/{hierarchy_id}", response_model=HierarchyDetail)
-def get_hierarchy(hierarchy_id: int, session: Session = Depends(get_session)) -> HierarchyDetail:
+def get_hierarchy(hierarchy_id: RecordId, session: Session = Depends(get_session)) -> HierarchyDetail:
     """One HAGD run in full."""
     row = queries.get_hierarchy(session, hierarchy_id)
     return HierarchyDetail(**_fields(row), dataset_id=row.dataset_id, result=row.result)

@@ -9,16 +9,17 @@ from fastapi import APIRouter, Depends, Query
 from sqlalchemy.orm import Session
 
 from backend.api.deps import get_session
-from backend.api.schemas import ScoreOut
+from backend.api.schemas import RecordId, ScoreOut
 from backend.errors import NotFoundError
 from backend.store.interp import example_json
 from backend.store import queries
+from backend.store.tables import MAX_DB_INT
 
 router = APIRouter(prefix="/api", tags=["interpretation"])
 
 
 @router.get("/features/{feature_id}/examples")
-def list_examples(feature_id: int, limit: int = Query(100, ge=1, le=1000),
+def list_examples(feature_id: RecordId, limit: int = Query(100, ge=1, le=1000),
                   session: Session = Depends(get_session)) -> list[dict[str, Any]]:
     """Examples with their `quantile` (0 = top-activating; 1..Q = quantile bins, high to low)."""
     queries.get_feature(session, feature_id)
@@ -26,7 +27,7 @@ def list_examples(feature_id: int, limit: int = Query(100, ge=1, le=1000),
 
 
 @router.get("/circuits/{circuit_id}/interpretation")
-def circuit_interpretation(circuit_id: int, top_n: int | None = Query(None, ge=1),
+def circuit_interpretation(circuit_id: RecordId, top_n: int | None = Query(None, ge=1, le=MAX_DB_INT),
                            session: Session = Depends(get_session)) -> dict[str, Any]:
     """The circuit's features (most prompts first) with statistics, examples, explanations and
     their scores, and the circuit's cost JSON (explain/score calls and tokens, active features)."""

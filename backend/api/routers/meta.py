@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Depends
 
 from backend.api.deps import get_settings
+from backend.api.redact import redact_json
 from backend.settings import Settings
 
 router = APIRouter(prefix="/api", tags=["meta"])
@@ -20,9 +21,9 @@ def health() -> dict[str, str]:
 
 @router.get("/models")
 def models(settings: Settings = Depends(get_settings)) -> list[dict[str, Any]]:
-    """Registry models and models placed in models_cache (`model_listing`)."""
+    """Registry models and models placed in models_cache (`model_listing`), without server paths."""
     from backend.models.loading import model_listing
-    return model_listing(settings)
+    return redact_json(model_listing(settings), settings)
 
 
 @router.get("/tasks")
@@ -40,9 +41,10 @@ def methods() -> list[dict[str, Any]]:
 
 @router.get("/transcoders")
 def transcoders(settings: Settings = Depends(get_settings)) -> list[dict[str, Any]]:
-    """Transcoders named `<model>/<dir>` under models_cache, with their summaries."""
+    """Transcoders named `<model>/<dir>` under models_cache, with their summaries (or, for a broken
+    directory, its problem), without server paths."""
     from backend.models.transcoder_registry import list_transcoders
-    return list_transcoders(settings)
+    return redact_json(list_transcoders(settings), settings)
 
 
 @router.get("/interpreters")

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from backend.api.deps import get_session
-from backend.api.schemas import CircuitDetail, CircuitSummary, Page, SweepDetail, SweepSummary
+from backend.api.schemas import CircuitDetail, CircuitSummary, Offset, Page, RecordId, SweepDetail, SweepSummary
+from backend.errors import NotFoundError
 from backend.store import queries
-from backend.store.tables import Circuit, Sweep
+from backend.store.tables import MAX_DB_INT, Circuit, Sweep
 
 router = APIRouter(prefix="/api", tags=["results"])
 
@@ -32,9 +33,10 @@ def _sweep_fields(row: Sweep) -> dict:
 
 
 @router.get("/circuits", response_model=Page[CircuitSummary])
-def list_circuits(model: str | None = None, transcoder: str | None = None, task: str | None = None,
-                  method: str | None = None, k: int | None = Query(None, ge=1),
-                  limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0),
+def list_circuits(model: str | None = Query(None, max_length=100), transcoder: str | None = Query(None, max_length=200),
+                  task: str | None = Query(None, max_length=50), method: str | None = Query(None, max_length=50),
+                  k: int | None = Query(None, ge=1, le=MAX_DB_INT),
+                  limit: int = Query(50, ge=1, le=500), offset: Offset = 0,
                   session: Session = Depends(get_session)) -> Page[CircuitSummary]:
     """Circuits filtered by model, transcoder, task, method and K; newest first."""
     rows, total = queries.list_circuits(session, model=model, transcoder=transcoder, task=task, method=method,
@@ -44,7 +46,7 @@ def list_circuits(model: str | None = None, transcoder: str | None = None, task:
 
 
 @router.get("/circuits/{circuit_id}", response_model=CircuitDetail)
-async def get_circuit(circuit_id: int, request: Request) -> Response:
+async def get_circuit(circuit_id: RecordId, request: Request) -> Response:
     """Kept occurrences per prompt, aggregated features, metrics, and the graphs once computed.
 
     Served from an in-process cache of the serialised body while the circuit's revision holds:
@@ -71,22 +73,24 @@ def _circuit_body(sessions, circuit_id: int, cache) -> bytes:
 
 
 @router.get("/sweeps", response_model=Page[SweepSummary])
-def list_sweeps(model: str | None = None, task: str | None = None, limit: int = Query(50, ge=1, le=500),
-                offset: int = Query(0, ge=0), session: Session = Depends(get_session)) -> Page[SweepSummary]:
+def list_sweeps(model: str | None = Query(None, max_length=100), task: str | None = Query(None, max_length=50),
+                limit: int = Query(50, ge=1, le=500), offset: Offset = 0, session: Session = Depends(get_session)) -> Page[SweepSummary]:
     rows, total = queries.list_sweeps(session, model=model, task=task, limit=limit, offset=offset)
     return Page[SweepSummary](items=[SweepSummary(**_sweep_fields(r)) for r in rows], total=total,
                               limit=limit, offset=offset)
 
 
 @router.get("/sweeps/{sweep_id}", response_model=SweepDetail)
-def get_sweep(sweep_id: int, session: Session = Depends(get_session)) -> SweepDetail:
+def get_sweep(sweep_id: RecordId, session: Session = Depends(get_session)) -> SweepDetail:
     """The full SweepResult JSON of a stored sweep."""
     row = queries.get_sweep(session, sweep_id)
     return SweepDetail(**_sweep_fields(row), dataset_id=row.dataset_id, result=row.result)
 
 
 @router.get("/circuits/{circuit_id}/graphs/{key}/neuronpedia")
-def export_graph(circuit_id: int, key: str, prompt: int | None = Query(None, ge=0, le=2**31),
+def export_graph(circuit_id: RecordId, key: str = Path(max_length=40, description="'all' or a prompt index, "
+                                                                               "with '@logit' for logit graphs"),
+                 prompt: int | None = Query(None, ge=0, le=MAX_DB_INT),
                  session: Session = Depends(get_session)) -> dict:
     """One prompt's attribution graph as circuit-tracer / Neuronpedia graph JSON.
 
