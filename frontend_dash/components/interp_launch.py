@@ -13,9 +13,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from dash import dcc, html
+from dash import dcc, html, no_update
 
-from frontend_dash.components.views import note, progress_bar
+from frontend_dash.api_client import ApiError
+from frontend_dash.components.views import error_note, note, progress_bar
 
 ACTIVE = ("queued", "running")
 CORPORA = (("default", "default corpus (Python docs + stories)"), ("stories", "IOI-like stories"))
@@ -93,3 +94,28 @@ def chain_view(jobs: list[dict[str, Any]], prefix: str, failure: str | None, fin
         lines.append(note("explained and scored: the pages show the new examples, explanations and scores",
                           "info"))
     return html.Div(lines, id=f"{prefix}-lines")
+
+
+def launch(client, target: dict[str, Any], explainer: str, rater: str, corpus: str) -> tuple[Any, bool, Any]:
+    """Submit the explain job of an explain-then-score chain: (chain state, poll disabled, status)."""
+    explain, score = requests_for(target, explainer, rater, corpus)
+    try:
+        state = first_request(client, explain, score)
+    except ApiError as err:
+        return None, True, error_note(err)
+    return state, False, note(f"explain job #{state['job']} submitted")
+
+
+def poll(client, state: dict[str, Any] | None, prefix: str, counter: int | None) -> tuple[Any, bool, Any, Any]:
+    """One poll of a chain: (state, poll disabled, status view, counter); the counter (the page's
+    refresh trigger) moves once, when the chain has finished."""
+    if not state:
+        return no_update, True, no_update, no_update
+    try:
+        state, jobs, finished, failure = advance(client, state)
+    except ApiError as err:
+        return no_update, True, error_note(err), no_update
+    view = chain_view(jobs, prefix, failure, finished)
+    if not finished:
+        return state, False, view, no_update
+    return state, True, view, (counter or 0) + 1

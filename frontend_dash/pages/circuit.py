@@ -21,8 +21,7 @@ from frontend_dash.api_client import ApiError, current_client
 from frontend_dash.components.graph_figure import (aggregate_figure, clicked_feature, feature_key, graph_figure,
                                                    stored_graphs)
 from frontend_dash.components.feature_views import scores_view
-from frontend_dash.components.interp_launch import (advance, chain_view, first_request, interp_controls,
-                                                    requests_for)
+from frontend_dash.components.interp_launch import interp_controls, launch, poll
 from frontend_dash.components.views import error_note, fmt, link, note, progress_bar
 
 
@@ -215,12 +214,7 @@ def launch_interpretation(n_clicks: int, explainer: str, rater: str, corpus: str
     target: dict[str, Any] = {"circuit_id": circuit_id}
     if scope == "prompt" and view != AGGREGATE:
         target["prompt"] = int(view)
-    explain, score = requests_for(target, explainer, rater, corpus)
-    try:
-        state = first_request(current_client(), explain, score)
-    except ApiError as err:
-        return None, True, error_note(err)
-    return state, False, note(f"explain job #{state['job']} submitted")
+    return launch(current_client(), target, explainer, rater, corpus)
 
 
 @callback(Output("circuit-interp-chain", "data", allow_duplicate=True),
@@ -230,16 +224,7 @@ def launch_interpretation(n_clicks: int, explainer: str, rater: str, corpus: str
           Input("circuit-interp-poll", "n_intervals"), State("circuit-interp-chain", "data"),
           State("circuit-version", "data"), prevent_initial_call=True)
 def poll_interpretation(_n: int, state: dict[str, Any] | None, version: int):
-    if not state:
-        return no_update, True, no_update, no_update
-    try:
-        state, jobs, finished, failure = advance(current_client(), state)
-    except ApiError as err:
-        return no_update, True, error_note(err), no_update
-    view = chain_view(jobs, "circuit-interp", failure, finished)
-    if not finished:
-        return state, False, view, no_update
-    return state, True, view, (version or 0) + 1
+    return poll(current_client(), state, "circuit-interp", version)
 
 
 @callback(Output("circuit-feature-panel", "children"), Input("circuit-graph", "clickData"),

@@ -21,8 +21,7 @@ from frontend_dash.api_client import ApiError, current_client
 from frontend_dash.components.feature_views import (EXAMPLE_RATING, NOT_HARVESTED, RATING_SCALE, example_label,
                                                     example_rank, example_ratings, examples_view, has_statistics,
                                                     histogram_figure, logit_lens_view, scores_view)
-from frontend_dash.components.interp_launch import (advance, chain_view, first_request, interp_controls,
-                                                    requests_for)
+from frontend_dash.components.interp_launch import interp_controls, launch, poll
 from frontend_dash.components.views import error_note, note
 
 
@@ -312,12 +311,7 @@ def refresh_evidence(_refresh: int, feature_id: int):
 def launch_interpretation(n_clicks: int, explainer: str, rater: str, corpus: str, feature_id: int):
     if not n_clicks:
         return no_update, no_update, no_update
-    explain, score = requests_for({"feature_id": feature_id}, explainer, rater, corpus)
-    try:
-        state = first_request(current_client(), explain, score)
-    except ApiError as err:
-        return None, True, error_note(err)
-    return state, False, note(f"explain job #{state['job']} submitted")
+    return launch(current_client(), {"feature_id": feature_id}, explainer, rater, corpus)
 
 
 @callback(Output("feature-interp-chain", "data", allow_duplicate=True),
@@ -327,16 +321,7 @@ def launch_interpretation(n_clicks: int, explainer: str, rater: str, corpus: str
           Input("feature-interp-poll", "n_intervals"), State("feature-interp-chain", "data"),
           State("feature-refresh", "data"), prevent_initial_call=True)
 def poll_interpretation(_n: int, state: dict[str, Any] | None, refresh: int):
-    if not state:
-        return no_update, True, no_update, no_update
-    try:
-        state, jobs, finished, failure = advance(current_client(), state)
-    except ApiError as err:
-        return no_update, True, error_note(err), no_update
-    view = chain_view(jobs, "feature-interp", failure, finished)
-    if not finished:
-        return state, False, view, no_update
-    return state, True, view, (refresh or 0) + 1
+    return poll(current_client(), state, "feature-interp", refresh)
 
 
 dash.register_page(__name__, path="/feature", name="Feature", title="PIEscope — feature", layout=layout)
