@@ -653,3 +653,33 @@ def test_host_header_allow_list_defaults_to_loopback_names(api_settings):
         assert c.post("/api/jobs", json=prune_body(), headers={"host": "evil.example"}).status_code == 400
     with TestClient(create_app(defaults.model_copy(update={"allowed_hosts": "*"}))) as c:
         assert c.get("/api/health", headers={"host": "anything.example"}).status_code == 200
+
+
+def test_a_cached_circuit_follows_commits_here_at_once_and_other_writers_within_max_age(client, api_settings,
+                                                                                      monkeypatch):
+    a, _, _ = seed_results(client)
+    clock = [1000.0]
+    monkeypatch.setattr("backend.api.cache.time.monotonic", lambda: clock[0])
+    assert client.get(f"/api/circuits/{a}").json()["graphs"] == {}
+    with transaction(client.app.state.sessions) as s:  # a writer in this process: seen at once
+        queries.set_circuit_graph(s, a, 0, {"graphs": []})
+    assert set(client.get(f"/api/circuits/{a}").json()["graphs"]) == {"0"}
+    engine = make_engine(api_settings.database_url)  # another process's writer (its own engine)
+    try:
+        with transaction(session_factory(engine)) as s:
+            queries.set_circuit_graph(s, a, 1, {"graphs": []})
+    finally:
+        engine.dispose()
+    assert set(client.get(f"/api/circuits/{a}").json()["graphs"]) == {"0"}  # within max_age: the cached body
+    clock[0] += client.app.state.circuit_cache.max_age + 0.5
+    assert set(client.get(f"/api/circuits/{a}").json()["graphs"]) == {"0", "1"}  # re-validated by revision
+
+
+def test_a_rolled_back_write_leaves_the_cached_circuit_valid(client):
+    a, _, _ = seed_results(client)
+    body = client.get(f"/api/circuits/{a}").json()
+    with pytest.raises(RuntimeError), transaction(client.app.state.sessions) as s:
+        queries.set_circuit_graph(s, a, 0, {"graphs": []})
+        s.flush()
+        raise RuntimeError("the job crashed")
+    assert client.get(f"/api/circuits/{a}").json() == body

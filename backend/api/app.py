@@ -32,6 +32,7 @@ from backend.errors import UserError
 from backend.settings import LOOPBACK_HOSTS, Settings
 from backend.store.db import open_store
 from backend.store.lock import StoreLock
+from backend.store.tables import Circuit
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +126,7 @@ def create_app(settings: Settings | None = None, *, max_body_bytes: int = MAX_BO
             executor = JobExecutor(settings, sessions, kinds=job_kinds)
             executor.start()
             app.state.sessions, app.state.executor, app.state.engine = sessions, executor, engine
+            app.state.circuit_cache.watch(sessions, Circuit)
             # Everything allocated at start-up (torch, transformers, the app) lives for the whole
             # process; keeping it out of the cyclic GC turns 100+ ms full collections into short ones.
             gc.freeze()

@@ -49,11 +49,15 @@ def list_circuits(model: str | None = Query(None, max_length=100), transcoder: s
 async def get_circuit(circuit_id: RecordId, request: Request) -> Response:
     """Kept occurrences per prompt, aggregated features, metrics, and the graphs once computed.
 
-    Served from an in-process cache of the serialised body while the circuit's revision holds:
-    a hit is one indexed primary-key read on the event loop; a miss (tens of kilobytes of JSON
-    to validate and serialise) runs in the threadpool.
+    Served from an in-process cache of the serialised body (`backend.api.cache`): a hit whose
+    revision was confirmed in the last second touches no store; an older hit costs one indexed
+    primary-key read on the event loop; a miss (tens of kilobytes of JSON to validate and
+    serialise) runs in the threadpool.
     """
     cache, sessions = request.app.state.circuit_cache, request.app.state.sessions
+    body = cache.fresh(circuit_id)
+    if body is not None:
+        return Response(body, media_type="application/json")
     with request.app.state.engine.connect() as conn:  # a Core read: no ORM session on the hot path
         revision = conn.execute(select(Circuit.revision).where(Circuit.id == circuit_id)).scalar()
     body = cache.get(circuit_id, revision) if revision is not None else None
