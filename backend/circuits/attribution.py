@@ -16,6 +16,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from backend.circuits.clean_prefix import CleanPrefix, first_patched
 from backend.circuits.occurrences import (Occurrences, collect_occurrences, decoder_norms,
                                           decoder_projection, variant_patch)
 from backend.errors import InvalidParameterError
@@ -49,7 +50,8 @@ class PromptRuns:
     m_none: Tensor | None = None  # M with every occurrence removed, once evaluated
     none_kl: Tensor | None = None  # KL(clean || every occurrence removed), from the same forward
     all_writes: Tensor | None = None  # [L, B, T, d] sum of every Delta-write, once needed
-    counters: dict[str, int] = field(default_factory=lambda: {"patched_forwards": 0})
+    clean_prefix: CleanPrefix | None = None  # the clean keys and values, once a prefix-cached variant needs them
+    counters: dict[str, int] = field(default_factory=lambda: {"patched_forwards": 0, "tokens_forwarded": 0})
 
     def __len__(self) -> int:
         return len(self.batch)
@@ -70,7 +72,7 @@ class Attributor:
 
     def __init__(self, adapter: ModelAdapter, transcoder: Transcoder,
                  corruption: Corruption = "corrupted_prompt", grad: GradMode = "replacement",
-                 max_rows: int = 64) -> None:
+                 max_rows: int = 64, prefix_cache: bool = True) -> None:
         transcoder.check_fits(adapter.n_layers, adapter.d_model, adapter.name)
         if corruption not in CORRUPTIONS:
             raise InvalidParameterError(f"unknown corruption '{corruption}'; known: {', '.join(CORRUPTIONS)}")
@@ -79,6 +81,7 @@ class Attributor:
         self.adapter, self.tc = adapter, transcoder
         self.corruption, self.grad = corruption, grad
         self.max_rows = max_rows  # prompt rows per patched forward
+        self.prefix_cache = prefix_cache  # removal variants run from their first patched position
 
     @property
     def device(self) -> torch.device:
@@ -117,12 +120,18 @@ class Attributor:
         """M of clean prompts with sets of occurrences removed, many sets per forward: [V].
 
         variant_prompt: [V] the prompt (batch row) of each variant; (variant, members): [m] pairs
-        saying which occurrences each variant removes. Variants run max_rows at a time, shortest
-        prompts together, each chunk cut to its longest prompt (no forward over padding).
+        saying which occurrences each variant removes. Variants run max_rows at a time, sorted by
+        (prompt length, first patched position p_v); each chunk is cut to its longest prompt (no
+        forward over padding) and, with the prefix cache, starts at p_chunk = min p_v: positions
+        before it are the clean run's (see clean_prefix), so only [p_chunk, width) is forwarded.
         """
         out = torch.empty(len(variant_prompt), device=self.device)
-        length = runs.batch.last_pos[variant_prompt] + 1
-        order = torch.argsort(length, stable=True)                  # variants, shortest prompts first
+        last = runs.batch.last_pos[variant_prompt]
+        length = last + 1
+        start_pos = (first_patched(runs.occ, len(variant_prompt), variant, members, last) if self.prefix_cache
+                     else torch.zeros_like(last))
+        span = int(length.max()) + 1 if len(length) else 1
+        order = torch.argsort(length * span + start_pos, stable=True)
         rank = torch.empty_like(order)
         rank[order] = torch.arange(len(order), device=order.device)
         member_rank = rank[variant]                                 # memberships by their variant's rank
@@ -132,15 +141,24 @@ class Attributor:
         for start in range(0, len(order), self.max_rows):
             stop = min(start + self.max_rows, len(order))
             chunk = order[start:stop]
-            width = int(length[chunk].max())
+            width, p = int(length[chunk].max()), int(start_pos[chunk].min())
             lo, hi = int(bounds[start]), int(bounds[stop])
-            patch = variant_patch(self.tc, runs.occ, member_rank[lo:hi] - start, members[lo:hi], width)
+            patch = variant_patch(self.tc, runs.occ, member_rank[lo:hi] - start, members[lo:hi], width, start=p)
             rows = batch_rows(runs.batch, variant_prompt[chunk])
-            logits = self.adapter.run(rows.clean_ids[:, :width], rows.attention_mask[:, :width],
-                                      last_pos=rows.last_pos, patch=patch).logits
+            cache = self._clean_prefix(runs).gather(variant_prompt[chunk], p) if p > 0 else None
+            logits = self.adapter.run(rows.clean_ids[:, p:width], rows.attention_mask[:, :width],
+                                      last_pos=rows.last_pos - p, patch=patch, cache=cache).logits
             out[chunk] = metric(logits, rows)
             runs.counters["patched_forwards"] += stop - start
+            runs.counters["tokens_forwarded"] += (stop - start) * (width - p)
         return out
+
+    def _clean_prefix(self, runs: PromptRuns) -> CleanPrefix:
+        """The batch's clean keys and values, from one clean forward the first time they are needed."""
+        if runs.clean_prefix is None:
+            runs.clean_prefix = CleanPrefix.of(self.adapter, runs.batch.clean_ids, runs.batch.attention_mask)
+            runs.counters["tokens_forwarded"] += runs.batch.clean_ids.numel()
+        return runs.clean_prefix
 
     def single_effects(self, runs: PromptRuns, members: Tensor) -> Tensor:
         """effect({o}) = M(x) - M(x without o) for each occurrence id in ``members``: [m]."""

@@ -85,6 +85,7 @@ class Evaluator:
             out = adapter.run(rep(batch.clean_ids), rep(batch.attention_mask), last_pos=rep(batch.last_pos),
                               patch=patch, logits_at="none" if all_token else "last")
             runs.counters["patched_forwards"] += V * B
+            runs.counters["tokens_forwarded"] += V * batch.clean_ids.numel()
             for v in range(V):
                 kl_all = None
                 if all_token:

@@ -112,15 +112,16 @@ def delta_write_patch(tc: Transcoder, occ: Occurrences, select: Tensor, scale: f
 
 
 def variant_patch(tc: Transcoder, occ: Occurrences, variant: Tensor, members: Tensor,
-                  seq_len: int, scale: float = -1.0) -> SparsePatch:
+                  seq_len: int, scale: float = -1.0, start: int = 0) -> SparsePatch:
     """A SparsePatch removing sets of occurrences, one set per batch row (variant).
 
     variant: [m] the row (variant) each membership belongs to; members: [m] occurrence ids.
     Row v of the patched batch must hold the prompt of its members; each member's Delta-write
-    goes to (v, pos) at every target layer.
+    goes to (v, pos) at every target layer. start: the patched forward covers positions
+    [start, seq_len) only (the rest comes from a clean cache), so every member's pos >= start.
     """
     patch = SparsePatch()
-    rows = variant * seq_len + occ.pos[members]
+    rows = variant * (seq_len - start) + occ.pos[members] - start
     layers = occ.layer[members]
     for layer in torch.unique(layers).tolist():
         sel = layers == layer

@@ -49,6 +49,7 @@ class PruneConfig:
     batch_size: int = 16
     all_token_kl: bool = True
     completeness: bool = True
+    prefix_cache: bool = True  # removal variants run from their first patched position (exact either way)
 
 
 @dataclass
@@ -66,6 +67,7 @@ class SweepConfig:
     all_token_kl: bool = False
     completeness: bool = True
     tost_margin: float = DEFAULT_TOST_MARGIN
+    prefix_cache: bool = True  # removal variants run from their first patched position (exact either way)
 
 
 def validate_k(k: int) -> int:
@@ -107,11 +109,11 @@ def run_prune(adapter: ModelAdapter, transcoder: Transcoder, batch: PromptBatch,
     validate_k(config.k)
     options = check_method(config.method, config.budget, config.options)
     method = METHODS[config.method]
-    attr = Attributor(adapter, transcoder, config.corruption, config.grad)
+    attr = Attributor(adapter, transcoder, config.corruption, config.grad, prefix_cache=config.prefix_cache)
     evaluator = Evaluator(attr)
     start_time = time.perf_counter()
     prompts: list[PromptCircuit] = []
-    forwards = 0
+    forwards = tokens = 0
     for start, part in _batches(batch, config.batch_size):
         progress(start / len(batch), f"attributing prompts {start + 1}-{start + len(part)} of {len(batch)}")
         runs = attr.prepare(part, offset=start)
@@ -121,6 +123,7 @@ def run_prune(adapter: ModelAdapter, transcoder: Transcoder, batch: PromptBatch,
                                      completeness=config.completeness)[0]
         prompts += _prompt_circuits(adapter, runs, kept, metrics, start)
         forwards += runs.counters["patched_forwards"]
+        tokens += runs.counters["tokens_forwarded"]
     progress(1.0, "done")
     kl = np.array([p.kl_last for p in prompts])
     faith = [p.faithfulness for p in prompts]
@@ -133,7 +136,7 @@ def run_prune(adapter: ModelAdapter, transcoder: Transcoder, batch: PromptBatch,
         pred_change_rate=float(np.mean([p.pred_changed for p in prompts])),
         faithfulness_mean=_nan_stat(faith, np.nanmean), completeness_mean=_nan_stat(completeness, np.nanmean),
         seconds=time.perf_counter() - start_time,
-        cost={"patched_forwards": forwards, "n_prompts": len(prompts)})
+        cost={"patched_forwards": forwards, "tokens_forwarded": tokens, "n_prompts": len(prompts)})
 
 
 def _selection(notes: dict[str, Any]) -> dict[str, Any]:
@@ -234,7 +237,7 @@ def run_sweep(adapter: ModelAdapter, transcoder: Transcoder, batch: PromptBatch,
     if not (isinstance(config.tost_margin, (int, float)) and math.isfinite(config.tost_margin)
             and config.tost_margin > 0):
         raise InvalidParameterError(f"the TOST margin must be a positive number of nats, not {config.tost_margin}")
-    attr = Attributor(adapter, transcoder, config.corruption, config.grad)
+    attr = Attributor(adapter, transcoder, config.corruption, config.grad, prefix_cache=config.prefix_cache)
     evaluator = Evaluator(attr)
     start_time = time.perf_counter()
     base = base_method(config.methods)

@@ -99,4 +99,5 @@ class ACDC(Strategy):
             logits = attr.adapter.run(ids[r], mask[r], last_pos=last[r], patch=patch[:, r]).logits
             out[r] = kl_divergence(clean[r], logits)
             runs.counters["patched_forwards"] += len(r)
+            runs.counters["tokens_forwarded"] += len(r) * ids.shape[1]
         return out
