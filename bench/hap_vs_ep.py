@@ -75,17 +75,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-n", type=int, default=16, help="IOI prompt pairs (the same for every method)")
     ap.add_argument("--sparsities", default="0.94,0.97")
-    ap.add_argument("--methods", default="eap,eap-ig,edge-pruning,hap",
+    ap.add_argument("--methods", default="eap,eap-ig,acdc,edge-pruning,hap",
                     help="acdc too where the machine allows: about one forward per pool edge per tau")
-    ap.add_argument("--steps", type=int, default=150, help="Edge Pruning / HAP step cap (CPU schedule)")
-    ap.add_argument("--warmup", type=int, default=100, help="target ramp length of Edge Pruning, in steps")
+    ap.add_argument("--steps", type=int, default=120, help="Edge Pruning / HAP step cap (CPU schedule)")
+    ap.add_argument("--warmup", type=int, default=60,
+                    help="steps of Edge Pruning's target ramp from 0 (HAP ramps at the same rate from 1 - rho)")
     ap.add_argument("--prune-batch", type=int, default=8, help="prompts per Edge Pruning / HAP step")
     ap.add_argument("--window", type=int, default=10)
     ap.add_argument("--epsilon", type=float, default=2e-3)
     ap.add_argument("--rho", type=float, default=0.15, help="HAP's retained fraction of edges")
-    ap.add_argument("--acdc-pool", type=int, default=600, help="ACDC searches the top edges by |EAP|; 0: all")
-    ap.add_argument("--acdc-n-tau", type=int, default=5)
-    ap.add_argument("--acdc-prompts", type=int, default=0,
+    ap.add_argument("--acdc-pool", type=int, default=400, help="ACDC searches the top edges by |EAP|; 0: all")
+    ap.add_argument("--acdc-n-tau", type=int, default=3)
+    ap.add_argument("--acdc-prompts", type=int, default=4,
                     help="ACDC searches on the first K of the N prompts (0: all); evaluated on all N")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
     ap.add_argument("--reference", action="store_true", help="the reference schedule (3000 steps, batch 32)")
@@ -104,7 +105,7 @@ def main() -> None:
           f"shared clean+corrupted runs {time.perf_counter() - t0:.1f} s; torch threads {torch.get_num_threads()}")
     schedule = dict(REFERENCE) if args.reference else {"max_steps": args.steps, "warmup": args.warmup,
                                                        "batch_size": args.prune_batch, "window": args.window}
-    schedule["epsilon"] = args.epsilon
+    schedule.update(epsilon=args.epsilon, lambda_optimizer="adam", init=10.0, lr=0.8, lambda_lr=0.8)
     print(f"Edge Pruning / HAP schedule: {schedule}" + ("" if args.reference else
           " (scaled down from the reference 3000 steps, batch 32, 2500 warm-up: 2 loaded CPU cores)"))
 
