@@ -169,7 +169,7 @@ def main() -> None:
             ep_d, hp_d = runs[("edge-pruning", s)].details, runs[("hap", s)].details
             per_step_ep = ep_d["prune_seconds"] / max(ep_d["steps"], 1)
             per_step_hp = hp_d["prune_seconds"] / max(hp_d["steps"], 1)
-            lo, hi = (float(x) for x in ep["KL 95% CI"].split("-"))
+            _lo, hi = (float(x) for x in ep["KL 95% CI"].split("-"))
             speed_up = ep["seconds"] / max(hp["seconds"], 1e-9)
             within = hp["KL"] <= hi
             ratios.append({"sparsity": s, "EP s": ep["seconds"], "HAP s": hp["seconds"],
