@@ -75,7 +75,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-n", type=int, default=16, help="IOI prompt pairs (the same for every method)")
     ap.add_argument("--sparsities", default="0.94,0.97")
-    ap.add_argument("--methods", default="eap,eap-ig,acdc,edge-pruning,hap",
+    ap.add_argument("--methods", default="eap,eap-ig,edge-pruning,hap,acdc",
                     help="acdc too where the machine allows: about one forward per pool edge per tau")
     ap.add_argument("--steps", type=int, default=120, help="Edge Pruning / HAP step cap (CPU schedule)")
     ap.add_argument("--warmup", type=int, default=60,
