@@ -105,7 +105,9 @@ def main() -> None:
           f"shared clean+corrupted runs {time.perf_counter() - t0:.1f} s; torch threads {torch.get_num_threads()}")
     schedule = dict(REFERENCE) if args.reference else {"max_steps": args.steps, "warmup": args.warmup,
                                                        "batch_size": args.prune_batch, "window": args.window}
-    schedule.update(epsilon=args.epsilon, lambda_optimizer="adam", init=10.0, lr=0.8, lambda_lr=0.8)
+    schedule.update(epsilon=args.epsilon, init=10.0, lr=0.8,
+                    **({"lambda_optimizer": "adam", "lambda_lr": 0.8} if args.reference else
+                       {"lambda_optimizer": "sgd", "lambda_lr": 8.0}))
     print(f"Edge Pruning / HAP schedule: {schedule}" + ("" if args.reference else
           " (scaled down from the reference 3000 steps, batch 32, 2500 warm-up: 2 loaded CPU cores)"))
 
