@@ -286,6 +286,8 @@ def test_bad_input_is_one_clear_error():
             target_count(E, **bad)
     with pytest.raises(UserError, match="rho"):
         EDGE_METHODS["hap"].run(ctx, E // 2, {"rho": 0.1})
+    with pytest.raises(UserError, match="lambda_optimizer"):
+        EDGE_METHODS["edge-pruning"].run(ctx, E // 2, {"lambda_optimizer": "rmsprop"})
     assert target_count(E, sparsity=0.5) == round(E / 2)
 
 
