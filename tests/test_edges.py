@@ -9,7 +9,7 @@ import torch
 from backend.circuits.evaluation import kl_divergence
 from backend.edges.acdc import acdc, acdc_sequential, mean_kl
 from backend.edges.context import Part
-from backend.edges.edge_pruning import PruningOptions
+from backend.edges.edge_pruning import PruningOptions, edge_pruning, plateaued
 from backend.edges.evaluation import circuit_logits, curve_area, evaluate, log_spaced_counts
 from backend.edges.graph import EdgeGraph
 from backend.edges.patching import EdgePatch
@@ -221,6 +221,42 @@ def test_edge_pruning_is_faithful_at_its_target_and_counts_its_cost():
     assert evaluate(ctx, run.kept).recovered_of_means == pytest.approx(1.0, abs=1e-3)
 
 
+def test_the_stopping_rule_needs_two_windows_and_no_improvement():
+    assert not plateaued([1.0] * 5, window=3, epsilon=1e-3)             # fewer than two windows
+    assert plateaued([1.0] * 6, 3, 1e-3)                                # flat
+    assert not plateaued([2.0, 2.0, 2.0, 1.0, 1.0, 1.0], 3, 1e-3)       # still improving
+    assert plateaued([1.0, 1.0, 1.0, 2.0, 2.0, 2.0], 3, 1e-3)           # worse, no improvement
+    assert plateaued([1.0, 1.0, 1.0, 0.9995, 0.9995, 0.9995], 3, 1e-3)  # better by less than epsilon
+
+
+def test_edge_pruning_stops_only_after_two_windows_at_the_target():
+    """The ramp's rising KL never counts as a plateau: the windows start where the target is reached."""
+    ctx = planted_context()
+    E, W = ctx.graph.n_edges, 5
+    res = edge_pruning(ctx, 10, PruningOptions(max_steps=200, warmup=30, batch_size=6, window=W, epsilon=1e-3))
+    target = 1.0 - 10 / E
+    assert res.stopped == "converged" and res.reached is not None
+    assert res.steps >= res.reached + 2 * W - 1 and res.steps == len(res.history)
+    at = res.history[res.reached - 1]
+    assert at["target"] == pytest.approx(target) and at["sparsity"] >= target - 0.01
+    assert all(h["target"] < target or h["sparsity"] < target - 0.01 for h in res.history[:res.reached - 1])
+    assert int(res.kept.sum()) == 10
+
+
+def test_with_everything_kept_the_loss_pushes_toward_keep_all():
+    """Target keep-all from half-open masks: the KL and the Lagrangian both raise every log alpha
+    on average, the expected sparsity falls and every edge is kept."""
+    ctx = edge_context("gemma3", n_prompts=4, batch_size=4)
+    E = ctx.graph.n_edges
+    res = edge_pruning(ctx, E, PruningOptions(max_steps=15, warmup=5, batch_size=4, init=0.0))
+    assert float(res.log_alpha.mean()) > 0.0
+    assert res.history[-1]["sparsity"] < res.history[0]["sparsity"]
+    first = sum(h["kl"] for h in res.history[:3]) / 3
+    last = sum(h["kl"] for h in res.history[-3:]) / 3
+    assert last < first
+    assert bool(res.kept.all())
+
+
 # -- evaluation and errors ----------------------------------------------------------------------
 
 def test_evaluation_of_all_and_no_edges():
@@ -250,6 +286,8 @@ def test_bad_input_is_one_clear_error():
             target_count(E, **bad)
     with pytest.raises(UserError, match="rho"):
         EDGE_METHODS["hap"].run(ctx, E // 2, {"rho": 0.1})
+    with pytest.raises(UserError, match="lambda_optimizer"):
+        EDGE_METHODS["edge-pruning"].run(ctx, E // 2, {"lambda_optimizer": "rmsprop"})
     assert target_count(E, sparsity=0.5) == round(E / 2)
 
 

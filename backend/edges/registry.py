@@ -147,7 +147,8 @@ class EdgePruning(EdgeMethod):
 
     def select(self, ctx, n_keep, opts):
         res = edge_pruning(ctx, n_keep, PruningOptions(**opts))
-        return res.kept, res.log_alpha, {"steps": res.steps, "stopped": res.stopped, "history": res.history}
+        return res.kept, res.log_alpha, {"steps": res.steps, "stopped": res.stopped, "reached": res.reached,
+                                         "prune_seconds": res.seconds, "history": res.history}
 
 
 class HAP(EdgeMethod):
@@ -161,8 +162,8 @@ class HAP(EdgeMethod):
         scores = cached_scores(ctx, opts["scores"], opts["ig_steps"])
         pruning = {k: v for k, v in opts.items() if k in _PRUNING}
         res, free = hap(ctx, scores, float(opts["rho"]), n_keep, PruningOptions(**pruning))
-        return res.kept, res.log_alpha, {"steps": res.steps, "stopped": res.stopped, "history": res.history,
-                                         "candidates": int(free.sum())}
+        return res.kept, res.log_alpha, {"steps": res.steps, "stopped": res.stopped, "reached": res.reached,
+                                         "prune_seconds": res.seconds, "history": res.history, "candidates": int(free.sum())}
 
 
 EDGE_METHODS: dict[str, EdgeMethod] = {m.name: m for m in (EAP(), EAPIG(), ACDC(), EdgePruning(), HAP())}
