@@ -126,7 +126,6 @@ def create_app(settings: Settings | None = None, *, max_body_bytes: int = MAX_BO
             executor = JobExecutor(settings, sessions, kinds=job_kinds)
             executor.start()
             app.state.sessions, app.state.executor, app.state.engine = sessions, executor, engine
-            app.state.circuit_cache.watch(sessions, Circuit)
             # Everything allocated at start-up (torch, transformers, the app) lives for the whole
             # process; keeping it out of the cyclic GC turns 100+ ms full collections into short ones.
             gc.freeze()
@@ -145,7 +144,7 @@ def create_app(settings: Settings | None = None, *, max_body_bytes: int = MAX_BO
                               "writes need `Authorization: Bearer <PIESCOPE_API_TOKEN>` when the server has one.",
                   dependencies=[Depends(require_write_token)])
     app.state.settings = settings
-    app.state.circuit_cache = ResponseCache()
+    app.state.circuit_cache = ResponseCache(Circuit)
     app.state.max_body_bytes = max_body_bytes
     app.add_middleware(RequestGuard, max_bytes=max_body_bytes, allowed_hosts=settings.allowed_host_names,
                        per_path={"/api/graphs/import": max(max_body_bytes, graphs.MAX_GRAPH_BODY_BYTES)})

@@ -1,23 +1,26 @@
 """A small thread-safe LRU of serialised responses, keyed by (id, revision).
 
 A hit is served without touching the store while its revision was confirmed within `max_age`
-seconds; after that one primary-key read of the revision re-validates it. Writes made in this
-process invalidate at once (`watch` hooks the session factory's commits), so a reader here never
-sees an older body after a commit it could observe; writers in other processes (a second
-worker or Ray workers on a shared PostgreSQL store) are seen within `max_age`.
+seconds; after that one primary-key read of the revision re-validates it. ORM writes committed
+in this process (the API, its jobs, an in-process CLI command) invalidate at once: one listener
+on every Session drops the changed rows from every live cache. Writers in other processes (a
+second worker, a CLI in another shell, Ray workers on a shared PostgreSQL store) are seen within
+`max_age`.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterable
 
 from sqlalchemy import event
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
 STALE_KEY = "piescope_stale_cache_keys"
+_LIVE: weakref.WeakSet[ResponseCache] = weakref.WeakSet()
 
 
 class ResponseCache:
@@ -27,12 +30,15 @@ class ResponseCache:
     milliseconds, and even reading its revision costs more than serving the cached bytes.
     """
 
-    def __init__(self, max_entries: int = 256, max_age: float = 1.0) -> None:
+    def __init__(self, mapped: type, max_entries: int = 256, max_age: float = 1.0) -> None:
+        """mapped: the ORM class whose rows' ids are the keys (commits changing them invalidate)."""
+        self.mapped = mapped
         self.max_entries = max_entries
         self.max_age = max_age
         # key -> (revision, body, monotonic time the revision was last confirmed)
         self._data: OrderedDict[int, tuple[int, bytes, float]] = OrderedDict()
         self._lock = threading.Lock()
+        _LIVE.add(self)
 
     def fresh(self, key: int) -> bytes | None:
         """The body if its revision was confirmed within max_age seconds, else None."""
@@ -65,20 +71,23 @@ class ResponseCache:
             for key in keys:
                 self._data.pop(key, None)
 
-    def watch(self, sessions: sessionmaker[Session], mapped: type) -> None:
-        """Drop the entries of `mapped` rows that a session of `sessions` updates or deletes, on commit."""
 
-        @event.listens_for(sessions, "after_flush")
-        def _collect(session: Session, _context) -> None:
-            # After a flush the dirty/deleted collections still show what the flush wrote.
-            changed = {obj.id for obj in (*session.dirty, *session.deleted) if isinstance(obj, mapped)}
-            if changed:
-                session.info.setdefault(STALE_KEY, set()).update(changed)
+@event.listens_for(Session, "after_flush")
+def _collect(session: Session, _context) -> None:
+    # After a flush the dirty/deleted collections still show what the flush wrote.
+    changed = {(type(obj), obj.id) for obj in (*session.dirty, *session.deleted)
+               if any(isinstance(obj, cache.mapped) for cache in _LIVE)}
+    if changed:
+        session.info.setdefault(STALE_KEY, set()).update(changed)
 
-        @event.listens_for(sessions, "after_commit")
-        def _invalidate(session: Session) -> None:
-            self.invalidate(session.info.pop(STALE_KEY, ()))
 
-        @event.listens_for(sessions, "after_rollback")
-        def _forget(session: Session) -> None:
-            session.info.pop(STALE_KEY, None)
+@event.listens_for(Session, "after_commit")
+def _invalidate(session: Session) -> None:
+    changed = session.info.pop(STALE_KEY, ())
+    for cache in list(_LIVE):
+        cache.invalidate(key for kind, key in changed if issubclass(kind, cache.mapped))
+
+
+@event.listens_for(Session, "after_rollback")
+def _forget(session: Session) -> None:
+    session.info.pop(STALE_KEY, None)
