@@ -6,6 +6,7 @@ job through the API with PIESCOPE_EXECUTOR=ray stores the same result."""
 
 from __future__ import annotations
 
+import json
 import math
 import time
 
@@ -209,4 +210,19 @@ def test_cancelling_a_ray_sweep_job_marks_it_cancelled_and_stores_nothing(ray_se
             time.sleep(0.05)
         assert job["status"] == "cancelled", job
         assert client.get("/api/sweeps").json()["total"] == 0
+    assert _no_sweep_actors()
+
+
+def test_the_cli_sweep_on_ray_writes_the_in_process_sweep(ray_instance, tiny_cache, tmp_path, monkeypatch,
+                                                          in_process):
+    from backend.cli import main
+    from backend.cli.output import finite
+    expected, _ = in_process
+    monkeypatch.setenv("PIESCOPE_MODELS_CACHE", str(tiny_cache))
+    monkeypatch.setenv("PIESCOPE_DATA_DIR", str(tmp_path / "data"))
+    out = tmp_path / "sweep.json"
+    assert main(["sweep", "--model", TINY_MODEL, "--transcoder", TINY_CLT, "--task", "ioi", "-n", "6",
+                 "--methods", "fap,fap-synergy,random", "--ks", "2,4", "--random-seeds", "2", "--batch-size", "2",
+                 "--executor", "ray", "--ray-workers", "2", "--out", str(out)]) == 0
+    assert_close(untimed(json.loads(out.read_text())), untimed(finite(expected.to_json())))
     assert _no_sweep_actors()

@@ -272,6 +272,7 @@ class FirstPass:
     kl_none: list[float]
     none: tuple[torch.Tensor, torch.Tensor]
     prep_seconds: float
+    seconds: float = 0.0  # the whole shard, wall clock
 
 
 @dataclass(frozen=True)
@@ -288,6 +289,7 @@ class SecondPass:
     extra: dict[int, _Point]
     curve: dict[int, _Point]
     prep_seconds: float
+    seconds: float = 0.0
 
 
 class SweepShards:
@@ -331,7 +333,7 @@ class SweepShards:
 
     def first_pass(self, shard: Shard, progress: Progress | None = None) -> FirstPass:
         """Every (method, K) on this shard, and the base method at round(1.5 K)."""
-        progress = progress or _no_progress
+        progress, t0 = progress or _no_progress, time.perf_counter()
         plan, span = self.plan, f"prompts {shard.start + 1}-{shard.stop}"
         steps = len(plan.config.methods) + 1 + bool(plan.claimed)
         progress(0.0, f"attributing {span} of {len(self.batch)}")
@@ -347,12 +349,13 @@ class SweepShards:
             for k in plan.claimed:
                 self._evaluate(ctx, plan.base, k, out.extra[k], full=False)
         out.points, out.extra = dict(out.points), dict(out.extra)
+        out.seconds = time.perf_counter() - t0
         return out
 
     def second_pass(self, shard: Shard, follow: SecondPlan, none: tuple[torch.Tensor, torch.Tensor],
                     progress: Progress | None = None) -> SecondPass:
         """The base method at round(K') and the random curve off the grid, on this shard."""
-        progress = progress or _no_progress
+        progress, t0 = progress or _no_progress, time.perf_counter()
         what = " and ".join(([f"{self.plan.base} at K'"] if follow.at_k_equivalent else [])
                             + (["random-from-active curve"] if follow.curve_ks else []))
         progress(0.0, f"{what} on prompts {shard.start + 1}-{shard.stop}")
@@ -362,6 +365,7 @@ class SweepShards:
             self._evaluate(ctx, self.plan.base, k, out.extra[k], full=False)
         for k in follow.curve_ks:
             self._evaluate(ctx, "random", k, out.curve[k], full=False)
+        out.seconds = time.perf_counter() - t0
         return out
 
 
