@@ -89,6 +89,8 @@ class ShardWorker:
     def __init__(self, settings: Settings, inputs: SweepInputs, config: SweepConfig) -> None:
         import torch
         torch.set_num_threads(settings.ray_threads)
+        if settings.device.startswith("cuda"):  # Ray made the actor's one GPU the only visible one
+            settings = settings.model_copy(update={"device": "cuda"})
         self.settings, self.inputs, self.config = settings, inputs, config
         self._shards: SweepShards | None = None
         self._info: dict[str, Any] = {}
