@@ -20,7 +20,8 @@ from backend import jobs as job_functions  # noqa: E402
 from backend.api.app import create_app  # noqa: E402
 from backend.circuits.pipeline import SweepShards, local_map, merge_sweep, plan_sweep, sweep_shards  # noqa: E402
 from backend.executors.ray_executor import NAMESPACE, RayShardPool, ShardFailed, SweepInputs  # noqa: E402
-from tests.api_fixtures import TINY_CLT, TINY_MODEL, tiny_cache, tiny_settings  # noqa: E402,F401
+from tests.api_fixtures import (TINY_CLT, TINY_MODEL, pg_cluster, store_settings, store_url,  # noqa: E402,F401
+                                tiny_cache, tiny_settings)
 from tests.test_jobs_e2e import run_to_end, untimed  # noqa: E402
 
 pytestmark = pytest.mark.ray
@@ -183,9 +184,11 @@ def test_cancel_kills_the_actors_and_stops_the_shards(ray_settings):
     assert _no_sweep_actors()
 
 
-def test_a_sweep_job_through_the_api_on_ray_stores_the_in_process_result(ray_settings, in_process):
+def test_a_sweep_job_through_the_api_on_ray_stores_the_in_process_result(ray_instance, store_settings, in_process):
+    """On SQLite and on PostgreSQL: only the driver (the API worker) writes, once, the merged result."""
     expected, _ = in_process
-    with TestClient(create_app(ray_settings)) as client:
+    settings = store_settings.model_copy(update={"executor": "ray", "ray_workers": 2, "ray_threads": 1})
+    with TestClient(create_app(settings)) as client:
         job, seen = run_to_end(client, {"kind": "sweep", "params": SWEEP}, timeout=300)
         assert job["status"] == "done", job["error"]
         progress = [p for _, p in seen]
