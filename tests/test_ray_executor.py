@@ -89,14 +89,19 @@ def assert_close(a, b, path="result"):
         assert a == b, (path, a, b)
 
 
+def _points(shard_result) -> dict:
+    """Every accumulated point of one shard's result, by (what, method or "extra"/"curve", K)."""
+    points = {("extra", k): p for k, p in shard_result.extra.items()}
+    points |= {(name, k): p for (name, k), p in getattr(shard_result, "points", {}).items()}
+    return points | {("curve", k): p for k, p in getattr(shard_result, "curve", {}).items()}
+
+
 def assert_same_shards(seen, expected):
     """Per shard and (method, K): per-prompt KL within TOL and identical kept sets (digests)."""
     assert seen.keys() == expected.keys()
     for method in expected:
         for got, want in zip(seen[method], expected[method], strict=True):
-            points = (lambda r: r.points | {("extra", k): p for k, p in r.extra.items()}) if method == "first_pass" \
-                else (lambda r: {("extra", k): p for k, p in r.extra.items()} | {("curve", k): p for k, p in r.curve.items()})
-            got_points, want_points = points(got), points(want)
+            got_points, want_points = _points(got), _points(want)
             assert got_points.keys() == want_points.keys()
             for key, p in want_points.items():
                 assert got_points[key].kept == p.kept and len(p.kept) > 0, (method, key)
