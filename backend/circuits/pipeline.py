@@ -264,7 +264,8 @@ def sweep_shards(n_prompts: int, batch_size: int) -> list[Shard]:
 class FirstPass:
     """One shard's first pass: every (method, K), the base method at round(1.5 K) (`extra`), the
     active counts and KL with nothing kept per prompt, and `none` = (M, KL) with nothing kept
-    ([B] each) for the second pass to reuse."""
+    ([B] each, on the CPU: a shard result may travel to a driver without a GPU) for the second
+    pass to reuse."""
 
     points: dict[tuple[str, int], _Point]
     extra: dict[int, _Point]
@@ -311,7 +312,7 @@ class SweepShards:
         t0 = time.perf_counter()
         runs = self.attr.prepare(self.batch.subset(slice(shard.start, shard.stop)), offset=shard.start)
         if none is not None:  # the second pass: no need to run "nothing kept" again
-            runs.m_none, runs.none_kl = none
+            runs.m_none, runs.none_kl = (t.to(self.attr.device) for t in none)
         ctx = SelectionContext(runs, self.attr, self.evaluator, self.plan.config.budget, self.plan.config.seed)
         return ctx, time.perf_counter() - t0
 
@@ -339,7 +340,7 @@ class SweepShards:
         progress(0.0, f"attributing {span} of {len(self.batch)}")
         ctx, prep = self._prepared(shard)
         out = FirstPass(defaultdict(_Point), defaultdict(_Point), ctx.occ.counts().tolist(),
-                        _kl_none(self.evaluator, ctx.runs), (ctx.runs.m_none, ctx.runs.none_kl), prep)
+                        _kl_none(self.evaluator, ctx.runs), (ctx.runs.m_none.cpu(), ctx.runs.none_kl.cpu()), prep)
         for i, name in enumerate(plan.config.methods):
             progress((1 + i) / steps, f"{name} on {span}")
             for k in plan.ks:
