@@ -33,8 +33,10 @@ TOL = 1e-6
 
 @pytest.fixture(scope="session")
 def ray_instance():
-    """A local Ray instance for the session: 2 CPUs (two one-thread actors), no dashboard."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="piescope-tests")
+    """A local Ray instance for the session: 2 CPUs (two one-thread actors), no dashboard, actors
+    at the tests' priority (Ray would nice them 15 further)."""
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="piescope-tests",
+             _system_config={"worker_niceness": 0})
     yield
     ray.shutdown()
 

@@ -61,7 +61,8 @@ class SweepInputs:
 
 def connect(settings: Settings) -> None:
     """Join the Ray cluster at PIESCOPE_RAY_ADDRESS, or start a local instance (no dashboard,
-    workers' logs kept out of this process's output); nothing when already connected."""
+    workers' logs kept out of this process's output, workers at this process's priority); nothing
+    when already connected."""
     if ray.is_initialized():
         return
     options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
@@ -69,7 +70,8 @@ def connect(settings: Settings) -> None:
         ray.init(address=settings.ray_address, **options)
     else:
         cpus = settings.ray_workers * settings.ray_threads if settings.ray_workers else None
-        ray.init(num_cpus=cpus, **options)
+        # Ray nices its workers to 15 by default; the shards are the job's own work, at its priority.
+        ray.init(num_cpus=cpus, _system_config={"worker_niceness": 0}, **options)
 
 
 def default_workers(settings: Settings) -> int:
