@@ -372,8 +372,16 @@ def run_prune(context: JobContext, params: PruneParams, progress: Progress | Non
 
 
 def run_sweep(context: JobContext, params: SweepParams, progress: Progress | None = None) -> JobOutput:
-    """Sweep methods x K -> JobOutput(SweepResult, pairs)."""
+    """Sweep methods x K -> JobOutput(SweepResult, pairs), in this process or (PIESCOPE_EXECUTOR=ray)
+    as shards on Ray actors."""
     from backend.circuits import pipeline
+    if context.settings.executor == "ray":
+        from backend.executors.ray_executor import SweepInputs, run_sweep as run_on_ray
+        inputs = SweepInputs(params.model, params.transcoder, params.task, dict(params.task_options),
+                             params.n, params.seed)
+        result, info = run_on_ray(context.settings, inputs, sweep_config(params), progress=progress,
+                                  model_name=params.model, transcoder_name=params.transcoder)
+        return JobOutput(result, info["pairs"])
     adapter, transcoder, batch = prepare(context, params, progress)
     result = pipeline.run_sweep(adapter, transcoder, batch, sweep_config(params), model_name=params.model,
                                 transcoder_name=params.transcoder, task_name=params.task, progress=progress)

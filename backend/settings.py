@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -29,6 +30,15 @@ class Settings(BaseSettings):
     device: str = Field(default="cpu", description="torch device for models and transcoders")
     dtype: str = Field(default="float32", description="model dtype: float32, bfloat16 or float16")
     hf_cache: Path | None = Field(default=None, description="a local Hugging Face hub cache to read from")
+
+    executor: Literal["inprocess", "ray"] = Field(
+        default="inprocess", description="where sweeps run: in this process, or as shards on Ray actors")
+    ray_address: str | None = Field(default=None, description="the Ray cluster to join ('auto': the one "
+                                    "`ray start` runs here); unset: start a local Ray instance")
+    ray_workers: int | None = Field(default=None, ge=1, description="Ray actors per sweep, each holding the "
+                                    "model once; unset: one per GPU, else one per ray_threads CPUs")
+    ray_threads: int = Field(default=1, ge=1, description="torch threads (and CPUs reserved) per Ray actor")
+    ray_max_retries: int = Field(default=2, ge=0, description="restarts of a dead Ray actor, retries of its shard")
 
     api_host: str = "127.0.0.1"
     api_port: int = 8000

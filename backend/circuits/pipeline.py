@@ -8,6 +8,7 @@ in batched patched forwards.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from collections import defaultdict
@@ -200,6 +201,7 @@ class _Point:
     pred: list[float] = field(default_factory=list)
     faith: list[float] = field(default_factory=list)
     completeness: list[float] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)  # per prompt, `_kept_digests`
     seconds: float = 0.0
     forwards: int = 0
 
@@ -209,20 +211,20 @@ def base_method(methods: list[str]) -> str:
     return "fap" if "fap" in methods else methods[0]
 
 
-def run_sweep(adapter: ModelAdapter, transcoder: Transcoder, batch: PromptBatch, config: SweepConfig, *,
-              model_name: str, transcoder_name: str, task_name: str,
-              progress: Progress | None = None) -> SweepResult:
-    """KL-vs-K for several methods on the same prompts, the random-from-active curve, and every
-    method's effective budget against the base method (`base_method`).
+@dataclass
+class SweepPlan:
+    """A validated sweep: what every shard and the merge agree on."""
 
-    Two passes over the batches, each holding one batch's runs at a time, so memory does not
-    grow with the number of prompts. The first evaluates every (method, K) and the base method
-    at round(1.5 K). The second, when needed, prepares each batch again (the same deterministic
-    runs) for what depends on the whole first pass: the base method at round(K'), K' read off its
-    mean KL curve, and the random-from-active curve, whose grid reaches the largest active count
-    of any prompt.
-    """
-    progress = progress or _no_progress
+    config: SweepConfig
+    ks: list[int]
+    options: dict[str, dict[str, Any]]  # per method, defaults filled in
+    base: str                           # the method effective budgets are measured against
+    compared: list[str]                 # the other methods
+    claimed: list[int]                  # round(1.5 K) off the grid ks, run for the base method
+
+
+def plan_sweep(config: SweepConfig) -> SweepPlan:
+    """Check a sweep's config (unknown method 404, bad budget/option/K 422) -> its plan."""
     if not config.methods:
         raise InvalidParameterError("a sweep needs at least one method")
     ks = sorted({validate_k(k) for k in config.ks})
@@ -237,99 +239,222 @@ def run_sweep(adapter: ModelAdapter, transcoder: Transcoder, batch: PromptBatch,
     if not (isinstance(config.tost_margin, (int, float)) and math.isfinite(config.tost_margin)
             and config.tost_margin > 0):
         raise InvalidParameterError(f"the TOST margin must be a positive number of nats, not {config.tost_margin}")
-    attr = Attributor(adapter, transcoder, config.corruption, config.grad, prefix_cache=config.prefix_cache)
-    evaluator = Evaluator(attr)
-    start_time = time.perf_counter()
     base = base_method(config.methods)
     compared = [m for m in config.methods if m != base]
     claimed = sorted({_claimed_budget(k) for k in ks} - set(ks)) if compared else []
-    points: dict[tuple[str, int], _Point] = defaultdict(_Point)
-    extra: dict[int, _Point] = defaultdict(_Point)      # the base method off the grid, for effective budgets
-    n_active: list[int] = []
-    kl_none: list[float] = []
-    prep = {"seconds": 0.0}
-    batches = list(_batches(batch, config.batch_size))
-    first_share = 0.95 if config.random_curve or compared else 1.0
+    return SweepPlan(config, ks, options, base, compared, claimed)
 
-    none: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # per batch: M and KL with nothing kept ([B] each)
 
-    def prepared(start: int, part: PromptBatch) -> SelectionContext:
+@dataclass(frozen=True)
+class Shard:
+    """Prompts [start, stop) of a sweep: one batch, the unit an executor runs anywhere."""
+
+    start: int
+    stop: int
+
+
+def sweep_shards(n_prompts: int, batch_size: int) -> list[Shard]:
+    """The batches of a sweep, in order (the in-process run and every executor use these)."""
+    if batch_size <= 0:
+        raise InvalidParameterError(f"batch size must be positive, not {batch_size}")
+    return [Shard(start, min(start + batch_size, n_prompts)) for start in range(0, n_prompts, batch_size)]
+
+
+@dataclass
+class FirstPass:
+    """One shard's first pass: every (method, K), the base method at round(1.5 K) (`extra`), the
+    active counts and KL with nothing kept per prompt, and `none` = (M, KL) with nothing kept
+    ([B] each, on the CPU: a shard result may travel to a driver without a GPU) for the second
+    pass to reuse."""
+
+    points: dict[tuple[str, int], _Point]
+    extra: dict[int, _Point]
+    n_active: list[int]
+    kl_none: list[float]
+    none: tuple[torch.Tensor, torch.Tensor]
+    prep_seconds: float
+    seconds: float = 0.0  # the whole shard, wall clock
+
+
+@dataclass(frozen=True)
+class SecondPlan:
+    """What the second pass runs, read off the merged first pass: the base method at round(K')
+    and the random-from-active curve's budgets not on the grid."""
+
+    at_k_equivalent: list[int]
+    curve_ks: list[int]
+
+
+@dataclass
+class SecondPass:
+    extra: dict[int, _Point]
+    curve: dict[int, _Point]
+    prep_seconds: float
+    seconds: float = 0.0
+
+
+class SweepShards:
+    """One model, transcoder and prompt batch that runs a sweep's shards: the in-process sweep
+    and every executor's workers call these two methods, so there is one code path for the science.
+
+    Shards are prompt batches: every (method, K) of a batch shares its prepared runs and its cache
+    of exact single effects, so splitting methods apart would repeat the attribution.
+    """
+
+    def __init__(self, adapter: ModelAdapter, transcoder: Transcoder, batch: PromptBatch, config: SweepConfig):
+        self.plan = plan_sweep(config)
+        self.batch = batch
+        self.attr = Attributor(adapter, transcoder, config.corruption, config.grad, prefix_cache=config.prefix_cache)
+        self.evaluator = Evaluator(self.attr)
+
+    def _prepared(self, shard: Shard, none: tuple[torch.Tensor, torch.Tensor] | None = None
+                  ) -> tuple[SelectionContext, float]:
         t0 = time.perf_counter()
-        runs = attr.prepare(part, offset=start)
-        if start in none:  # the second pass: no need to run "nothing kept" again
-            runs.m_none, runs.none_kl = none[start]
-        prep["seconds"] += time.perf_counter() - t0
-        return SelectionContext(runs, attr, evaluator, config.budget, config.seed)
+        runs = self.attr.prepare(self.batch.subset(slice(shard.start, shard.stop)), offset=shard.start)
+        if none is not None:  # the second pass: no need to run "nothing kept" again
+            runs.m_none, runs.none_kl = (t.to(self.attr.device) for t in none)
+        ctx = SelectionContext(runs, self.attr, self.evaluator, self.plan.config.budget, self.plan.config.seed)
+        return ctx, time.perf_counter() - t0
 
-    def evaluate(ctx: SelectionContext, name: str, k: int, point: _Point, seeds: list[int | None],
-                 full: bool) -> None:
-        """Accumulate (name, k) on this batch; ``full``: a sweep row (all-token KL and completeness
+    def _evaluate(self, ctx: SelectionContext, name: str, k: int, point: _Point, full: bool) -> None:
+        """Accumulate (name, k) on this shard; ``full``: a sweep row (all-token KL and completeness
         as configured), else KL only (the random curve, the effective-budget runs)."""
+        config = self.plan.config
         t0 = time.perf_counter()
         runs = ctx.runs
         before = runs.counters["patched_forwards"]
-        opts = options.get(name, {})
+        opts = self.plan.options.get(name, {})
+        seeds: list[int | None] = list(range(config.random_seeds)) if name == "random" else [None]
         masks = [METHODS[name].select(ctx, k, {**opts, **({"seed": s} if s is not None else {})}) for s in seeds]
-        _accumulate(point, evaluator.evaluate(runs, masks, all_token=full and config.all_token_kl,
-                                              completeness=full and config.completeness))
+        _accumulate(point, self.evaluator.evaluate(runs, masks, all_token=full and config.all_token_kl,
+                                                   completeness=full and config.completeness))
+        point.kept += _kept_digests(runs, masks)
         point.seconds += time.perf_counter() - t0
         point.forwards += runs.counters["patched_forwards"] - before
 
-    def seeds_of(name: str) -> list[int | None]:
-        return list(range(config.random_seeds)) if name == "random" else [None]
+    def first_pass(self, shard: Shard, progress: Progress | None = None) -> FirstPass:
+        """Every (method, K) on this shard, and the base method at round(1.5 K)."""
+        progress, t0 = progress or _no_progress, time.perf_counter()
+        plan, span = self.plan, f"prompts {shard.start + 1}-{shard.stop}"
+        steps = len(plan.config.methods) + 1 + bool(plan.claimed)
+        progress(0.0, f"attributing {span} of {len(self.batch)}")
+        ctx, prep = self._prepared(shard)
+        out = FirstPass(defaultdict(_Point), defaultdict(_Point), ctx.occ.counts().tolist(),
+                        _kl_none(self.evaluator, ctx.runs), (ctx.runs.m_none.cpu(), ctx.runs.none_kl.cpu()), prep)
+        for i, name in enumerate(plan.config.methods):
+            progress((1 + i) / steps, f"{name} on {span}")
+            for k in plan.ks:
+                self._evaluate(ctx, name, k, out.points[(name, k)], full=True)
+        if plan.claimed:
+            progress((steps - 1) / steps, f"{plan.base} at 1.5 K on {span}")
+            for k in plan.claimed:
+                self._evaluate(ctx, plan.base, k, out.extra[k], full=False)
+        out.points, out.extra = dict(out.points), dict(out.extra)
+        out.seconds = time.perf_counter() - t0
+        return out
 
-    # Pass 1: every (method, K), and the base method at round(1.5 K).
-    steps = len(batches) * (len(config.methods) + 1 + bool(claimed))
-    step = 0
-    for start, part in batches:
-        progress(first_share * step / steps, f"attributing prompts {start + 1}-{start + len(part)} of {len(batch)}")
-        ctx = prepared(start, part)
-        n_active += ctx.occ.counts().tolist()
-        kl_none += _kl_none(evaluator, ctx.runs)
-        none[start] = (ctx.runs.m_none, ctx.runs.none_kl)
-        step += 1
-        for name in config.methods:
-            progress(first_share * step / steps, f"{name} on prompts {start + 1}-{start + len(part)}")
-            for k in ks:
-                evaluate(ctx, name, k, points[(name, k)], seeds_of(name), full=True)
-            step += 1
-        if claimed:
-            progress(first_share * step / steps, f"{base} at 1.5 K on prompts {start + 1}-{start + len(part)}")
-            for k in claimed:
-                evaluate(ctx, base, k, extra[k], seeds_of(base), full=False)
-            step += 1
-        del ctx  # nothing of a batch outlives it
-    rows = [_row(name, k, points[(name, k)], config.seed, METHODS[name].selection_notes(k, options[name]))
+    def second_pass(self, shard: Shard, follow: SecondPlan, none: tuple[torch.Tensor, torch.Tensor],
+                    progress: Progress | None = None) -> SecondPass:
+        """The base method at round(K') and the random curve off the grid, on this shard."""
+        progress, t0 = progress or _no_progress, time.perf_counter()
+        what = " and ".join(([f"{self.plan.base} at K'"] if follow.at_k_equivalent else [])
+                            + (["random-from-active curve"] if follow.curve_ks else []))
+        progress(0.0, f"{what} on prompts {shard.start + 1}-{shard.stop}")
+        ctx, prep = self._prepared(shard, none)
+        out = SecondPass({k: _Point() for k in follow.at_k_equivalent}, {k: _Point() for k in follow.curve_ks}, prep)
+        for k in follow.at_k_equivalent:
+            self._evaluate(ctx, self.plan.base, k, out.extra[k], full=False)
+        for k in follow.curve_ks:
+            self._evaluate(ctx, "random", k, out.curve[k], full=False)
+        out.seconds = time.perf_counter() - t0
+        return out
+
+
+MapShards = Callable[[str, list[tuple], Progress], list]
+"""How an executor runs shards: (name of a `SweepShards` method, its arguments per shard, progress
+over all of them) -> the results in shard order."""
+
+
+def local_map(shards: SweepShards) -> MapShards:
+    """Run shards one after the other in this process (the in-process executor)."""
+    def run(method: str, args: list[tuple], progress: Progress) -> list:
+        out = []
+        for i, a in enumerate(args):
+            out.append(getattr(shards, method)(*a, progress=lambda f, m, i=i: progress((i + f) / len(args), m)))
+        return out
+    return run
+
+
+def _merge(parts: list[_Point]) -> _Point:
+    """One point from the same (method, K) on consecutive shards: per-prompt lists in shard order."""
+    out = _Point()
+    for p in parts:
+        for name in ("kl", "kl_all", "pred", "faith", "completeness", "kept"):
+            getattr(out, name).extend(getattr(p, name))
+        out.seconds += p.seconds
+        out.forwards += p.forwards
+    return out
+
+
+def run_sweep(adapter: ModelAdapter, transcoder: Transcoder, batch: PromptBatch, config: SweepConfig, *,
+              model_name: str, transcoder_name: str, task_name: str,
+              progress: Progress | None = None) -> SweepResult:
+    """KL-vs-K for several methods on the same prompts, the random-from-active curve, and every
+    method's effective budget against the base method (`base_method`), in this process."""
+    shards = SweepShards(adapter, transcoder, batch, config)
+    return merge_sweep(shards.plan, len(batch), local_map(shards), model_name=model_name,
+                       transcoder_name=transcoder_name, task_name=task_name, progress=progress)
+
+
+def merge_sweep(plan: SweepPlan, n_prompts: int, map_shards: MapShards, *, model_name: str,
+                transcoder_name: str, task_name: str, progress: Progress | None = None) -> SweepResult:
+    """The sweep of `plan` over its shards, run by `map_shards`, merged into one SweepResult.
+
+    Two passes over the shards, each holding one batch's runs at a time, so memory does not grow
+    with the number of prompts. The first evaluates every (method, K) and the base method at
+    round(1.5 K). The second, when needed, prepares each batch again (the same deterministic runs)
+    for what depends on the whole first pass: the base method at round(K'), K' read off its mean
+    KL curve, and the random-from-active curve, whose grid reaches the largest active count of
+    any prompt. Per-prompt values are concatenated in shard order and every statistic (CIs,
+    TOSTs, compression) is computed here on the merged values, so the result does not depend on
+    where the shards ran.
+    """
+    progress = progress or _no_progress
+    config, ks, base = plan.config, plan.ks, plan.base
+    start_time = time.perf_counter()
+    shards = sweep_shards(n_prompts, config.batch_size)
+    first_share = 0.95 if config.random_curve or plan.compared else 1.0
+    firsts: list[FirstPass] = map_shards("first_pass", [(s,) for s in shards],
+                                         lambda f, m: progress(first_share * f, m))
+    points = {(name, k): _merge([f.points[(name, k)] for f in firsts]) for name in config.methods for k in ks}
+    extra = {k: _merge([f.extra[k] for f in firsts]) for k in plan.claimed}
+    n_active = [c for f in firsts for c in f.n_active]
+    kl_none = [v for f in firsts for v in f.kl_none]
+    prep_seconds = sum(f.prep_seconds for f in firsts)
+    rows = [_row(name, k, points[(name, k)], config.seed, METHODS[name].selection_notes(k, plan.options[name]))
             for name in config.methods for k in ks]
     base_rows = [r for r in rows if r.method == base]
     plans = {(r.method, r.k): stats.effective_budget_plan(r.kl_mean, r.k, [b.k for b in base_rows],
                                                           [b.kl_mean for b in base_rows], CLAIMED_RATIO)
              for r in rows if r.method != base}
     at_k_equivalent = sorted({p["k_base"] for p in plans.values() if p["k_base"] is not None}
-                             - set(ks) - set(claimed))
-    # Pass 2: the base method at round(K') and the random-from-active curve.
+                             - set(ks) - set(plan.claimed))
     done = {k: points[("random", k)] for k in ks} if "random" in config.methods else {}
-    curve: dict[int, _Point] = defaultdict(_Point, done)
     grid = random_grid(ks, max(n_active)) if config.random_curve else []
-    curve_ks = [k for k in grid if k not in done]
-    if at_k_equivalent or curve_ks:
-        for i, (start, part) in enumerate(batches):
-            what = " and ".join(([f"{base} at K'"] if at_k_equivalent else [])
-                                + (["random-from-active curve"] if curve_ks else []))
-            progress(first_share + (1 - first_share) * i / len(batches),
-                     f"{what} on prompts {start + 1}-{start + len(part)}")
-            ctx = prepared(start, part)
-            for k in at_k_equivalent:
-                evaluate(ctx, base, k, extra[k], seeds_of(base), full=False)
-            for k in curve_ks:
-                evaluate(ctx, "random", k, curve[k], seeds_of("random"), full=False)
-            del ctx
+    follow = SecondPlan(at_k_equivalent, [k for k in grid if k not in done])
+    curve: dict[int, _Point] = dict(done)
+    if follow.at_k_equivalent or follow.curve_ks:
+        seconds: list[SecondPass] = map_shards("second_pass", [(s, follow, f.none) for s, f in zip(shards, firsts)],
+                                               lambda f, m: progress(first_share + (1 - first_share) * f, m))
+        extra |= {k: _merge([s.extra[k] for s in seconds]) for k in follow.at_k_equivalent}
+        curve |= {k: _merge([s.curve[k] for s in seconds]) for k in follow.curve_ks}
+        prep_seconds += sum(s.prep_seconds for s in seconds)
     random_curve = [_row("random", k, curve[k], config.seed) for k in grid]
     progress(1.0, "done")
     per_prompt = {name: {str(k): points[(name, k)].kl for k in ks} for name in config.methods}
     base_kl = {**{k: per_prompt[base][str(k)] for k in ks}, **{k: p.kl for k, p in extra.items()}}
     return SweepResult(
-        model=model_name, transcoder=transcoder_name, task=task_name, n_prompts=len(batch),
+        model=model_name, transcoder=transcoder_name, task=task_name, n_prompts=n_prompts,
         corruption=config.corruption, methods=list(config.methods), ks=ks, rows=rows, random_curve=random_curve,
         effective_compression=_compression(rows, random_curve),
         effective_budget=[{"method": r.method, "k": r.k, "base": base, "kl_mean": r.kl_mean}
@@ -341,10 +466,24 @@ def run_sweep(adapter: ModelAdapter, transcoder: Transcoder, batch: PromptBatch,
         kl_none_mean=float(np.mean(kl_none)), seconds=time.perf_counter() - start_time,
         options={"budget": config.budget, "grad": config.grad, "seed": config.seed,
                  "random_seeds": config.random_seeds, "batch_size": config.batch_size,
-                 "method_options": options, "prep_seconds": prep["seconds"], "tost_margin": config.tost_margin,
+                 "method_options": plan.options, "prep_seconds": prep_seconds, "tost_margin": config.tost_margin,
                  "effective_budget_base": base, "claimed_ratio": CLAIMED_RATIO},
         budget_runs=[_row(base, k, extra[k], config.seed) for k in sorted(extra)],
         budget_runs_kl={str(k): extra[k].kl for k in sorted(extra)})
+
+
+def _kept_digests(runs: PromptRuns, masks: list[torch.Tensor]) -> list[str]:
+    """Per prompt of the batch, a digest of the (layer, feature, pos) it kept under every mask
+    (random's seeds in order): equal digests, identical kept sets."""
+    occ = runs.occ
+    digests = [hashlib.sha256() for _ in range(len(runs.batch))]
+    for mask in masks:
+        ids = torch.nonzero(mask, as_tuple=True)[0]
+        keys = torch.stack([occ.layer[ids], occ.feature[ids], occ.pos[ids]], 1).to(torch.int64)
+        owner = occ.prompt[ids]
+        for b, digest in enumerate(digests):
+            digest.update(keys[owner == b].numpy().tobytes() + b"|")
+    return [d.hexdigest()[:16] for d in digests]
 
 
 def _claimed_budget(k: int) -> int:
