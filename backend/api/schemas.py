@@ -290,6 +290,41 @@ class EdgeCircuitDetail(EdgeCircuitSummary):
     result: dict[str, Any] = Field(description="backend.edges.pipeline.EdgeCircuit JSON: kept edges, metrics, cost")
 
 
+class AttentionTop(BaseModel):
+    """Where the last (answer-predicting) position attends most on one prompt."""
+
+    prompt: int
+    query: int
+    key: int
+    token: str
+    weight: float
+
+
+class AttentionPrompt(BaseModel):
+    index: int
+    offset: int = Field(description="position of the first token kept (long prompts keep their last tokens)")
+    tokens: list[str]
+
+
+class HeadAttentionOut(BaseModel):
+    head: str = Field(description='writer id, e.g. "a1.h0"')
+    layer: int
+    index: int
+    top: list[AttentionTop]
+    patterns: list[list[list[float]]] | None = Field(
+        None, description="per prompt, [query][key] softmax probabilities (None when patterns=false)")
+
+
+class EdgeAttentionOut(BaseModel):
+    """The attention patterns of an edge circuit's heads on its first prompts (clean run)."""
+
+    circuit_id: int
+    n_prompts: int
+    decimals: int
+    prompts: list[AttentionPrompt]
+    heads: list[HeadAttentionOut]
+
+
 class EdgeSweepSummary(BaseModel):
     id: int
     model: str
