@@ -341,6 +341,38 @@ class EdgeSweepDetail(EdgeSweepSummary):
     result: dict[str, Any] = Field(description="backend.edges.pipeline.EdgeSweep JSON: rows, curve areas")
 
 
+# ------------------------------------------------------------------------------ task overview
+
+class OverviewPoint(BaseModel):
+    """One stored result on a method's curve: units kept (x), KL and behaviour recovered, cost."""
+
+    x: float = Field(description="units kept: K occurrences per prompt (PIE), circuit features (HAGD), edges")
+    kl: float | None = Field(None, description="KL(full || circuit) at the last position; None for HAGD")
+    kl_ci95: list[float | None] | None = None
+    recovered: float | None = Field(None, description="share of the task metric kept (see the curve's metric)")
+    recovered_band: list[float | None] | None = Field(None, description="the curve's `band` around recovered")
+    seconds: float | None = None
+
+
+class OverviewCurve(BaseModel):
+    family: Literal["features", "edges"]
+    method: str
+    source: str = Field(description='where the points come from, e.g. "sweep #3" or "circuits #4, #7"')
+    x_unit: str
+    metric: str = Field(description="what `recovered` measures for this method")
+    band: str = Field(description="what recovered_band is")
+    seconds: float = Field(description="total compute of the points shown")
+    points: list[OverviewPoint]
+
+
+class TaskOverview(BaseModel):
+    """Every stored method's curve for one model and task (PIE sweeps and circuits, HAGD, edges)."""
+
+    model: str
+    task: str
+    curves: list[OverviewCurve]
+
+
 # ------------------------------------------------------------------------------ HAGD hierarchies
 
 class HierarchySummary(BaseModel):
