@@ -9,6 +9,7 @@ method name, a CLI run on a JSONL task could store such tokens).
 
 from __future__ import annotations
 
+import html
 import time
 from dataclasses import dataclass
 
@@ -45,7 +46,9 @@ def test_layout_by_layer_and_edge_end_points():
     heads = [pos[f"a1.h{h}"] for h in range(4)]
     assert {x for x, _ in heads} == {0.0, 1.0} and all(1.6 <= y <= 2.4 for _, y in heads)   # a 2x2 grid in layer 1
     assert pos["m1"][0] > max(x for x, _ in heads) and pos["m1"][1] == 2                        # the MLP beside it
-    assert pos["a1.kv1"][0] == pytest.approx((pos["a1.h2"][0] + pos["a1.h3"][0]) / 2)         # shared kv head
+    assert [pos[f"a1.kv{g}"][0] for g in (0, 1)] == [0.0, 1.0]                                 # kv heads: a row
+    assert pos["a1.kv0"][1] < min(y for _, y in heads)                                           # under the grid
+    assert node_positions(1, 4, 1)["a0.kv0"][0] == 0.5
     x0, y0, x1, y1 = endpoints("a0.h1->a1.k1", pos, per_kv=2)
     assert (x1, y1) == pytest.approx((pos["a1.kv1"][0] - 0.05, pos["a1.kv1"][1]))
     assert endpoints("m0->logits", pos, 2)[2:] == pos["logits"]
@@ -59,11 +62,11 @@ def test_threshold_keeps_the_strongest_edges_binned_by_sign_and_size():
     base = base_figure(circuit).to_dict()
     for n in (0, 1, 3, 4, 99):
         assert edges_drawn(threshold_figure(payload, base, n)) == min(n, 4)
-    lines = [t for t in threshold_figure(payload, base, 4)["data"] if t.get("legendgroup") == "edges"]
-    colors = {t["line"]["color"] for t in lines}
-    assert colors == {"#1f77b4", "#d62728"}
-    widest = max(lines, key=lambda t: t["line"]["width"])
-    assert widest["line"]["color"] == "#d62728" and sum(v is None for v in widest["x"]) == 1   # the -2.0 edge alone
+    shapes = threshold_figure(payload, base, 4)["layout"]["shapes"]
+    assert {sh["line"]["color"] for sh in shapes} == {"#1f77b4", "#d62728"}
+    widest = max(shapes, key=lambda sh: sh["line"]["width"])
+    assert widest["line"]["color"] == "#d62728" and widest["path"].count("M") == 1     # the -2.0 edge alone
+    assert len(threshold_figure(payload, base, 4)["data"]) == len(base["data"])           # nodes unchanged
     heads = next(t for t in base["data"] if t["name"] == "head")
     assert clicked_head({"points": [{"customdata": heads["customdata"][0]}]}) == "a0.h0"
     assert clicked_head({"points": [{"customdata": ["mlp", "m0"]}]}) is None
@@ -71,10 +74,11 @@ def test_threshold_keeps_the_strongest_edges_binned_by_sign_and_size():
 
 def test_head_hover_shows_the_attention_summary_escaped():
     circuit = _circuit()
-    attention = {"heads": [{"head": "a0.h0", "top": [{"prompt": 0, "query": 5, "key": 2, "token": XSS, "weight": 0.75}]}]}
+    attention = {"prompts": [{"index": 0, "offset": 1, "tokens": ["a", "b", "c", "d", "<q>"]}],
+                 "heads": [{"head": "a0.h0", "top": [{"prompt": 0, "query": 5, "key": 2, "token": XSS, "weight": 0.75}]}]}
     heads = next(t for t in base_figure(circuit, attention).data if t.name == "head")
     text = dict(zip([c[1] for c in heads.customdata], heads.text))["a0.h0"]
-    assert "pos 5 → pos 2" in text and "0.75" in text and "&lt;img" in text and "<img" not in text
+    assert "pos 5 &#x27;&lt;q&gt;&#x27; → pos 2" in text and "0.75" in text and "&lt;img" in text and "<img" not in text
 
 
 def _edge_sweep() -> dict:
@@ -206,8 +210,8 @@ def _screenshot(driver, name: str) -> None:  # noqa: F811
 
 
 DRAWN_JS = ("const gd = document.querySelector('#edge-graph .js-plotly-plot');"
-            "return gd && gd.data ? gd.data.filter(t => t.legendgroup === 'edges')"
-            ".reduce((n, t) => n + t.x.filter(v => v === null).length, 0) : -1;")
+            "return gd && gd.layout ? (gd.layout.shapes || []).filter(s => s.name === 'edges')"
+            ".reduce((n, s) => n + (s.path.match(/M/g) || []).length, 0) : -1;")
 
 
 def test_every_edge_page_loads_without_console_errors(dash_stack, edge_stack, driver):  # noqa: F811
@@ -242,7 +246,7 @@ def test_the_slider_rethresholds_the_drawn_edges_in_the_browser(dash_stack, edge
         "const gd = document.querySelector('#edge-graph .js-plotly-plot');"
         "return gd.data.filter(t => t.legendgroup === 'edge-hover').flatMap(t => t.text);")
     strongest = sorted(kept, key=lambda e: -abs(e["score"]))[:7]
-    assert sorted(label.split("<br>")[0] for label in labels) == sorted(e["id"] for e in strongest)
+    assert sorted(html.unescape(label.split("<br>")[0]) for label in labels) == sorted(e["id"] for e in strongest)
     assert severe_console_entries(driver) == []
 
 
@@ -316,4 +320,34 @@ def test_the_task_overview_draws_one_curve_per_stored_method(dash_stack, edge_st
         "return gd.data.filter(t => t.showlegend !== false && !t.fill).map(t => [t.xaxis || 'x', t.legendgroup]);")
     assert sorted((("features" if axis == "x" else "edges"), group) for axis, group in drawn) == sorted(methods)
     assert len(drawn) == len(methods)
+    assert severe_console_entries(driver) == []
+
+
+def test_the_jobs_form_launches_an_edges_job_with_live_progress(dash_stack, edge_stack, driver):  # noqa: F811
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    _open(driver, dash_stack, "/jobs", "#jobs-recent")
+    driver.find_element(By.CSS_SELECTOR, "#jobs-kind input[value='edges']").click()
+    _wait(driver, _css("#jobs-edge-target"))
+    assert not driver.find_element(By.CSS_SELECTOR, "#jobs-transcoder-field").is_displayed()
+    assert not driver.find_element(By.CSS_SELECTOR, "#jobs-ks").is_displayed()
+    for field, value in (("#jobs-n", "2"), ("#jobs-edge-target", "12"), ("#jobs-options", "{}")):
+        box = driver.find_element(By.CSS_SELECTOR, field)
+        box.send_keys(Keys.CONTROL, "a")
+        box.send_keys(Keys.BACKSPACE)
+        box.send_keys(value)
+        _wait(driver, lambda d, box=box, value=value: box.get_attribute("value") == value)
+    driver.find_element(By.CSS_SELECTOR, "#jobs-submit").click()
+    _wait(driver, _css("#jobs-launched-list"))
+    _wait(driver, lambda d: "100%" in d.find_element(By.CSS_SELECTOR, "#jobs-launched-list").text, timeout=240)
+    _wait(driver, lambda d: "edge circuit #" in d.find_element(By.CSS_SELECTOR, "#jobs-launched-list").text)
+    jobs = dash_stack.api.get("/api/jobs", params={"kind": "edges"}).json()["items"]
+    launched = next(j for j in jobs if j["params"]["n"] == 2 and j["params"]["edges"] == 12)
+    assert launched["status"] == "done" and launched["params"]["method"] == "eap"
+    link = driver.find_element(By.CSS_SELECTOR, "#jobs-launched-list a").get_attribute("href")
+    assert link.endswith(f"/edge-circuit?id={launched['edge_circuit_id']}")
+    driver.find_element(By.CSS_SELECTOR, "#jobs-kind input[value='hagd']").click()
+    _wait(driver, _css("#jobs-transcoder-field"))
+    assert driver.find_element(By.CSS_SELECTOR, "#jobs-options").is_displayed()
+    _screenshot(driver, "jobs_edges_done")
     assert severe_console_entries(driver) == []

@@ -4,14 +4,15 @@ Layout: the embedding at the bottom, the logits at the top, and per layer l one 
 its heads as a small grid with the MLP beside them (DESIGN 8.1's writers and readers). An edge
 ``writer->reader`` leaves the writer's node and enters its reader: a query input enters its
 head's node at the left, a key or value input its kv head (with grouped-query attention a small
-diamond under the query heads that share it; otherwise the head itself, middle and right).
+diamond in a row under the layer's heads, kv head g of G at the g-th of G slots; otherwise the
+head itself, middle and right).
 
 The figure is split in two so the browser can re-threshold without a server round trip:
 `node_traces` (static, with hover text) and `edge_payload` (every kept edge's end points,
 score and id, strongest first). `THRESHOLD_JS` is the clientside function that draws the
-top-n edges from the payload: binned by sign and |score| into line traces (width and opacity
-grow with |score|), plus one invisible marker per edge at its midpoint carrying the hover text.
-`edges_drawn(figure)` counts what such a figure draws (the same rule, in Python).
+top-n edges from the payload: binned by sign and |score| into path shapes (width and opacity
+grow with |score|), plus an invisible marker at each edge's midpoint carrying its hover text.
+`threshold_figure` is the same in Python; `edges_drawn(figure)` counts what a figure draws.
 
 Text from the store (tokens, ids) is HTML-escaped before it goes into hover labels or tick
 labels: Plotly renders a few tags there.
@@ -83,10 +84,9 @@ def node_positions(n_layers: int, n_heads: int, n_kv_heads: int) -> dict[str, tu
             dy = 0.0 if rows == 1 else -HEAD_BAND + 2 * HEAD_BAND * r / (rows - 1)
             pos[f"a{layer}.h{h}"] = (float(c), y + dy)
         pos[f"m{layer}"] = (cols + 0.4, y)
-        if per_kv > 1:
+        if per_kv > 1:  # a row under the grid, spread over its width
             for g in range(n_kv_heads):
-                members = [pos[f"a{layer}.h{g * per_kv + j}"] for j in range(per_kv)]
-                pos[f"a{layer}.kv{g}"] = (sum(x for x, _ in members) / per_kv, y - HEAD_BAND - 0.22)
+                pos[f"a{layer}.kv{g}"] = ((g + 0.5) * cols / n_kv_heads - 0.5, y - HEAD_BAND - 0.2)
     return pos
 
 
@@ -125,15 +125,21 @@ def edge_payload(result: dict[str, Any]) -> dict[str, Any]:
     finite = [abs(s) for s in scores if s is not None]
     return {"x0": x0, "y0": y0, "x1": x1, "y1": y1, "score": scores, "id": [escape(e["id"]) for e in kept],
             "max": max(finite) if finite else 1.0, "n_edges": result["graph"]["edges"],
-            "bins": list(BINS), "widths": list(WIDTHS), "opacity": list(OPACITY), "colors": [POS, NEG, NONE]}
+            "bins": list(BINS), "widths": list(WIDTHS), "opacity": list(OPACITY), "colors": [POS, NEG, NONE],
+            "max_hover": MAX_HOVER}
 
 
-def _attention_lines(summary: dict[str, Any] | None, prompts: int = 4) -> list[str]:
+def _attention_lines(summary: dict[str, Any] | None, tokens: dict[int, tuple[int, list[str]]],
+                     prompts: int = 4) -> list[str]:
+    """tokens: prompt index -> (offset, its stored tokens), to name the query position."""
     if not summary:
         return []
     lines = []
     for t in summary["top"][:prompts]:
-        lines.append(f"prompt {t['prompt']}: pos {t['query']} → pos {t['key']} {token_label(t['token'])} "
+        offset, toks = tokens.get(t["prompt"], (0, []))
+        q = t["query"] - offset
+        query = f" {token_label(toks[q])}" if 0 <= q < len(toks) else ""
+        lines.append(f"prompt {t['prompt']}: pos {t['query']}{query} → pos {t['key']} {token_label(t['token'])} "
                      f"({t['weight']:.2f})")
     if len(summary["top"]) > prompts:
         lines.append(f"… {len(summary['top']) - prompts} more prompts")
@@ -158,6 +164,7 @@ def node_traces(result: dict[str, Any], attention: dict[str, Any] | None = None)
             name = reader
         degree[name] = degree.get(name, 0) + 1
     summaries = {h["head"]: h for h in (attention or {}).get("heads", [])}
+    tokens = {p["index"]: (p.get("offset", 0), p["tokens"]) for p in (attention or {}).get("prompts", [])}
     traces = []
     groups = (("head", lambda n: bool(_WRITER.match(n)), "square", 16),
               ("kv head", lambda n: ".kv" in n, "diamond", 9),
@@ -172,7 +179,7 @@ def node_traces(result: dict[str, Any], attention: dict[str, Any] | None = None)
             lines = [f"<b>{escape(n)}</b>", f"{degree.get(n, 0)} kept edge(s)"]
             if name == "head":
                 if n in summaries:
-                    lines += ["last position attends most to:"] + _attention_lines(summaries[n]) + ["click: patterns"]
+                    lines += ["last position attends most to:"] + _attention_lines(summaries[n], tokens) + ["click: patterns"]
                 elif attention is not None and degree.get(n):
                     lines.append("no attention stored for this head")
             text.append("<br>".join(lines))
@@ -191,7 +198,8 @@ def base_figure(result: dict[str, Any], attention: dict[str, Any] | None = None)
     cols, _ = grid(n_heads)
     fig = go.Figure(node_traces(result, attention))
     fig.update_layout(
-        height=max(420, 46 * (n_layers + 2) + 80), plot_bgcolor="white", hovermode="closest", dragmode="pan",
+        height=max(420, 52 * (n_layers + 2) + 80), width=max(640, 170 * (cols + 2) + 120),
+        plot_bgcolor="white", hovermode="closest", dragmode="pan",
         margin={"l": 70, "r": 20, "t": 30, "b": 30}, showlegend=False, uirevision="edges",
         xaxis={"visible": False, "range": [-0.8, cols + 1.2]},
         yaxis={"tickvals": list(range(n_layers + 2)), "zeroline": False, "gridcolor": "#f0f0f0",
@@ -200,18 +208,22 @@ def base_figure(result: dict[str, Any], attention: dict[str, Any] | None = None)
 
 
 def edges_drawn(figure: dict[str, Any]) -> int:
-    """How many edges a figure draws: the None-separated segments of its edge line traces."""
-    return sum(sum(1 for v in t["x"] if v is None) for t in figure["data"] if t.get("legendgroup") == "edges")
+    """How many edges a figure draws: the move-to commands of its edge path shapes."""
+    return sum(sh["path"].count("M") for sh in figure["layout"].get("shapes") or () if sh.get("name") == "edges")
 
 
-# The clientside threshold: (n shown, payload, base figure) -> (figure, caption). Mirrors the
-# binning above; the payload is sorted strongest first, so the top n are its first n.
+# The clientside threshold: (n shown, payload, base figure) -> (figure, caption). Mirrors
+# `threshold_figure` below; the payload is sorted strongest first, so the top n are its first n.
+# Edges are drawn as one SVG path per (sign, width bin) layout shape ("M x0,y0 L x1,y1 M ..."):
+# Plotly draws a line trace with thousands of gaps ten times slower. Hover markers (one per edge,
+# at its midpoint, invisible) are SVG nodes, so only the strongest MAX_HOVER shown edges get one.
+MAX_HOVER = 1000
 THRESHOLD_JS = """
 function(n, payload, base) {
     if (!payload || !base) { return [window.dash_clientside.no_update, ""]; }
     const total = payload.x0.length;
     n = Math.max(0, Math.min(total, Math.round(n || 0)));
-    const traces = {};
+    const paths = {};
     const hover = {};
     for (let i = 0; i < n; i++) {
         const s = payload.score[i];
@@ -220,14 +232,9 @@ function(n, payload, base) {
         let bin = 0;
         for (let b = 0; b < payload.bins.length; b++) { if (rel >= payload.bins[b]) { bin = b; } }
         const key = sign + ":" + bin;
-        if (!traces[key]) {
-            traces[key] = {type: "scatter", mode: "lines", x: [], y: [], hoverinfo: "skip", showlegend: false,
-                           legendgroup: "edges", opacity: payload.opacity[bin],
-                           line: {color: payload.colors[sign], width: payload.widths[bin]}};
-        }
-        const t = traces[key];
-        t.x.push(payload.x0[i], payload.x1[i], null);
-        t.y.push(payload.y0[i], payload.y1[i], null);
+        if (!paths[key]) { paths[key] = {sign: sign, bin: bin, parts: []}; }
+        paths[key].parts.push("M" + payload.x0[i] + "," + payload.y0[i] + "L" + payload.x1[i] + "," + payload.y1[i]);
+        if (i >= payload.max_hover) { continue; }
         if (!hover[sign]) {
             hover[sign] = {type: "scatter", mode: "markers", x: [], y: [], text: [], showlegend: false,
                            legendgroup: "edge-hover", marker: {size: 6, opacity: 0, color: payload.colors[sign]},
@@ -238,31 +245,35 @@ function(n, payload, base) {
         h.y.push((payload.y0[i] + payload.y1[i]) / 2);
         h.text.push(payload.id[i] + "<br>score " + (s === null ? "n/a" : s.toPrecision(4)));
     }
-    const data = Object.values(traces).concat(Object.values(hover)).concat(base.data);
+    const shapes = Object.values(paths).map(p => ({
+        type: "path", name: "edges", xref: "x", yref: "y", layer: "below", path: p.parts.join(""),
+        opacity: payload.opacity[p.bin], line: {color: payload.colors[p.sign], width: payload.widths[p.bin]}}));
+    const layout = Object.assign({}, base.layout, {shapes: shapes});
     const sparsity = 100 * (1 - n / payload.n_edges);
-    const caption = "showing " + n + " of " + total + " kept edges (strongest |score| first) · " +
-                    sparsity.toFixed(2) + "% sparsity of the " + payload.n_edges + "-edge graph";
-    return [{data: data, layout: base.layout}, caption];
+    let caption = "showing " + n + " of " + total + " kept edges (strongest |score| first) · " +
+                  sparsity.toFixed(2) + "% sparsity of the " + payload.n_edges + "-edge graph";
+    if (n > payload.max_hover) { caption += " · hover shows the " + payload.max_hover + " strongest"; }
+    return [{data: Object.values(hover).concat(base.data), layout: layout}, caption];
 }
 """
 
 
 def threshold_figure(payload: dict[str, Any], base: dict[str, Any], n: int) -> dict[str, Any]:
-    """The figure THRESHOLD_JS draws for the top n edges, computed in Python (for tests and the
-    first paint before the browser takes over)."""
+    """The figure THRESHOLD_JS draws for the top n edges (its edge shapes), in Python: for
+    tests, and to say what the browser draws."""
     n = max(0, min(len(payload["x0"]), int(n)))
-    traces: dict[tuple[int, int], dict[str, Any]] = {}
+    parts: dict[tuple[int, int], list[str]] = {}
     for i in range(n):
         s = payload["score"][i]
         sign = 2 if s is None else (0 if s >= 0 else 1)
         rel = 1.0 if s is None else abs(s) / payload["max"]
         b = max(j for j, lo in enumerate(payload["bins"]) if rel >= lo)
-        t = traces.setdefault((sign, b), {"type": "scatter", "mode": "lines", "x": [], "y": [], "legendgroup": "edges",
-                                          "opacity": payload["opacity"][b],
-                                          "line": {"color": payload["colors"][sign], "width": payload["widths"][b]}})
-        t["x"] += [payload["x0"][i], payload["x1"][i], None]
-        t["y"] += [payload["y0"][i], payload["y1"][i], None]
-    return {"data": list(traces.values()) + list(base["data"]), "layout": base["layout"]}
+        parts.setdefault((sign, b), []).append(
+            f"M{payload['x0'][i]},{payload['y0'][i]}L{payload['x1'][i]},{payload['y1'][i]}")
+    shapes = [{"type": "path", "name": "edges", "xref": "x", "yref": "y", "layer": "below", "path": "".join(p),
+               "opacity": payload["opacity"][b], "line": {"color": payload["colors"][sign], "width": payload["widths"][b]}}
+              for (sign, b), p in parts.items()]
+    return {"data": list(base["data"]), "layout": {**base["layout"], "shapes": shapes}}
 
 
 # ------------------------------------------------------------------------------ attention heatmaps
