@@ -67,6 +67,18 @@ def test_patterns_equal_the_models_eager_attention(arch):
     assert head["top"][0]["query"] == int(batch.last_pos[0])
 
 
+def test_what_is_stored_stays_bounded():
+    tok = tiny_tokenizer()
+    adapter = ModelAdapter(tiny_model("llama", vocab_size=len(tok)), tok)
+    batch = get_task("ioi").build(tok, 6, seed=0)
+    heads = [(0, h) for h in range(4)]
+    sizes = [min(int(t) + 1, 5) ** 2 * 4 for t in batch.last_pos[:6]]
+    got = head_attention(adapter, batch, heads, n_prompts=6, max_tokens=5, max_values=sum(sizes[:3]))
+    assert len(got.prompt_indices) == 3 and all(p.shape == (5, 5) for p in got.patterns[(0, 0)])
+    assert len(head_attention(adapter, batch, heads, max_values=1).prompt_indices) == 1     # at least one
+    assert head_attention(adapter, batch, []).patterns == {}
+
+
 def test_attention_route_serves_the_models_attention_and_404s(api_settings):
     body = {"kind": "edges", "params": {"model": TINY_MODEL, "task": "ioi", "n": 10, "method": "eap", "edges": 30}}
     with TestClient(create_app(api_settings)) as c:

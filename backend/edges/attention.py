@@ -6,7 +6,8 @@ query reads (``...->a{l}.q{h}``), or its kv head's key or value reads (``...->a{
 forward of the first ``n_prompts`` prompts (bounded) with the adapter's eager attention recorded:
 ``pattern[q, k]`` is the softmax probability that query position q puts on key position k, the
 rows of real tokens only (right padding cut off). Long prompts keep their last ``max_tokens``
-positions (``offset`` says where they start), so what is stored stays bounded.
+positions (``offset`` says where they start), and prompts are dropped from the end while the
+entries stored (heads x sum of T_i^2) would pass ``max_values``: what is stored stays bounded.
 
 JSON (made here only, by ``HeadAttention.to_json``):
   {"n_prompts", "decimals", "prompts": [{"index", "offset", "tokens"}],
@@ -30,6 +31,7 @@ from backend.tasks import PromptBatch
 
 MAX_PROMPTS = 8
 MAX_TOKENS = 64
+MAX_VALUES = 400_000   # pattern entries stored per circuit (a few MB of JSON): fewer prompts beyond
 DECIMALS = 5
 _HEAD = re.compile(r"^a(\d+)\.(h|q|k|v)(\d+)$")
 
@@ -85,12 +87,16 @@ def token_strings(adapter: ModelAdapter, ids: list[int]) -> list[str]:
 
 
 def head_attention(adapter: ModelAdapter, batch: PromptBatch, heads: list[tuple[int, int]],
-                   n_prompts: int = MAX_PROMPTS, max_tokens: int = MAX_TOKENS) -> HeadAttention:
-    """The clean-run attention patterns of `heads` on the first `n_prompts` prompts of `batch`.
+                   n_prompts: int = MAX_PROMPTS, max_tokens: int = MAX_TOKENS,
+                   max_values: int = MAX_VALUES) -> HeadAttention:
+    """The clean-run attention patterns of `heads` on the first `n_prompts` prompts of `batch`
+    (fewer when more would store over `max_values` entries; at least one).
 
     One forward of those prompts with the patterns recorded ([B, H, Tq, Tk] per layer).
     """
     n = max(0, min(n_prompts, len(batch)))
+    sizes = (torch.clamp(batch.last_pos[:n] + 1, max=max_tokens) ** 2 * len(heads)).cumsum(0)
+    n = min(n, max(1, int((sizes <= max_values).sum()))) if n else 0
     part = batch.subset(slice(0, n)).to(adapter.device)
     record: dict[int, Tensor] = {}
     if n and heads:
