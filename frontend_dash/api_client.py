@@ -113,6 +113,30 @@ class ApiClient:
     def sweep(self, sweep_id: int) -> dict[str, Any]:
         return self.get(f"/api/sweeps/{int(sweep_id)}")
 
+    def edge_methods(self) -> list[dict[str, Any]]:
+        return self.get("/api/edge-methods")
+
+    def edge_circuits(self, **filters: Any) -> dict[str, Any]:
+        """A page of edge circuit summaries; filters: model, task, method, limit, offset."""
+        return self.get("/api/edge-circuits", **filters)
+
+    def edge_circuit(self, circuit_id: int) -> dict[str, Any]:
+        return self.get(f"/api/edge-circuits/{int(circuit_id)}")
+
+    def edge_attention(self, circuit_id: int, head: str | None = None, patterns: bool = True) -> dict[str, Any]:
+        """The circuit's heads' attention on its first prompts (one head, or summaries only)."""
+        return self.get(f"/api/edge-circuits/{int(circuit_id)}/attention", head=head,
+                        patterns=None if patterns else "false")
+
+    def edge_sweeps(self, **filters: Any) -> dict[str, Any]:
+        return self.get("/api/edge-sweeps", **filters)
+
+    def edge_sweep(self, sweep_id: int) -> dict[str, Any]:
+        return self.get(f"/api/edge-sweeps/{int(sweep_id)}")
+
+    def task_overview(self, model: str, task: str) -> dict[str, Any]:
+        return self.get("/api/task-overview", model=model, task=task)
+
     def neuronpedia(self, circuit_id: int, key: str, prompt: int | None = None) -> dict[str, Any]:
         return self.get(f"/api/circuits/{int(circuit_id)}/graphs/{key}/neuronpedia", prompt=prompt)
 

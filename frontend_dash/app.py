@@ -26,8 +26,10 @@ from frontend_dash.api_client import CONFIG_KEY, ApiClient, ApiError
 
 log = logging.getLogger(__name__)
 
-PAGES = ("circuits", "circuit", "sweep", "compare", "feature", "jobs")
-NAV = (("Circuits", "/"), ("KL-vs-K", "/sweep"), ("Compare", "/compare"), ("Jobs", "/jobs"))
+PAGES = ("circuits", "circuit", "sweep", "compare", "feature", "jobs",
+         "edge_circuits", "edge_circuit", "edge_sweep", "task_overview")
+NAV = (("Circuits", "/"), ("KL-vs-K", "/sweep"), ("Compare", "/compare"), ("Jobs", "/jobs"),
+       ("Edge circuits", "/edge-circuits"), ("Edge sweeps", "/edge-sweep"), ("Task overview", "/task-overview"))
 
 
 def _import_pages() -> None:
@@ -43,7 +45,7 @@ def _import_pages() -> None:
 
 def _shell() -> html.Div:
     nav = html.Nav([html.Span("PIEscope", className="pie-brand")]
-                   + [dcc.Link(text, href=href, id=f"nav-{text.lower()}") for text, href in NAV], className="pie-nav")
+                   + [dcc.Link(text, href=href, id=f"nav-{text.lower().replace(' ', '-')}") for text, href in NAV], className="pie-nav")
     return html.Div([nav, html.Div(dash.page_container, className="pie-page")])
 
 

@@ -27,7 +27,7 @@ from backend.api.deps import require_write_token
 from backend.api.guard import RequestGuard
 from backend.api.jobs import PIE_KINDS, JobExecutor, JobKind
 from backend.api.redact import redact
-from backend.api.routers import dashboard, edges, features, graphs, hierarchies, interp, jobs, meta, results
+from backend.api.routers import dashboard, edges, features, graphs, hierarchies, interp, jobs, meta, overview, results
 from backend.errors import UserError
 from backend.settings import LOOPBACK_HOSTS, Settings
 from backend.store.db import open_store
@@ -150,7 +150,7 @@ def create_app(settings: Settings | None = None, *, max_body_bytes: int = MAX_BO
                        per_path={"/api/graphs/import": max(max_body_bytes, graphs.MAX_GRAPH_BODY_BYTES)})
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(UserError, _user_error)
-    for module in (meta, jobs, results, edges, graphs, hierarchies, features, interp, dashboard):
+    for module in (meta, jobs, results, edges, graphs, hierarchies, features, interp, dashboard, overview):
         app.include_router(module.router)
     openapi.install(app)
     return app

@@ -290,6 +290,41 @@ class EdgeCircuitDetail(EdgeCircuitSummary):
     result: dict[str, Any] = Field(description="backend.edges.pipeline.EdgeCircuit JSON: kept edges, metrics, cost")
 
 
+class AttentionTop(BaseModel):
+    """Where the last (answer-predicting) position attends most on one prompt."""
+
+    prompt: int
+    query: int
+    key: int
+    token: str
+    weight: float
+
+
+class AttentionPrompt(BaseModel):
+    index: int
+    offset: int = Field(description="position of the first token kept (long prompts keep their last tokens)")
+    tokens: list[str]
+
+
+class HeadAttentionOut(BaseModel):
+    head: str = Field(description='writer id, e.g. "a1.h0"')
+    layer: int
+    index: int
+    top: list[AttentionTop]
+    patterns: list[list[list[float]]] | None = Field(
+        None, description="per prompt, [query][key] softmax probabilities (None when patterns=false)")
+
+
+class EdgeAttentionOut(BaseModel):
+    """The attention patterns of an edge circuit's heads on its first prompts (clean run)."""
+
+    circuit_id: int
+    n_prompts: int
+    decimals: int
+    prompts: list[AttentionPrompt]
+    heads: list[HeadAttentionOut]
+
+
 class EdgeSweepSummary(BaseModel):
     id: int
     model: str
@@ -304,6 +339,38 @@ class EdgeSweepSummary(BaseModel):
 
 class EdgeSweepDetail(EdgeSweepSummary):
     result: dict[str, Any] = Field(description="backend.edges.pipeline.EdgeSweep JSON: rows, curve areas")
+
+
+# ------------------------------------------------------------------------------ task overview
+
+class OverviewPoint(BaseModel):
+    """One stored result on a method's curve: units kept (x), KL and behaviour recovered, cost."""
+
+    x: float = Field(description="units kept: K occurrences per prompt (PIE), circuit features (HAGD), edges")
+    kl: float | None = Field(None, description="KL(full || circuit) at the last position; None for HAGD")
+    kl_ci95: list[float | None] | None = None
+    recovered: float | None = Field(None, description="share of the task metric kept (see the curve's metric)")
+    recovered_band: list[float | None] | None = Field(None, description="the curve's `band` around recovered")
+    seconds: float | None = None
+
+
+class OverviewCurve(BaseModel):
+    family: Literal["features", "edges"]
+    method: str
+    source: str = Field(description='where the points come from, e.g. "sweep #3" or "circuits #4, #7"')
+    x_unit: str
+    metric: str = Field(description="what `recovered` measures for this method")
+    band: str = Field(description="what recovered_band is")
+    seconds: float = Field(description="total compute of the points shown")
+    points: list[OverviewPoint]
+
+
+class TaskOverview(BaseModel):
+    """Every stored method's curve for one model and task (PIE sweeps and circuits, HAGD, edges)."""
+
+    model: str
+    task: str
+    curves: list[OverviewCurve]
 
 
 # ------------------------------------------------------------------------------ HAGD hierarchies

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from backend.circuits.results import Stat
+from backend.edges.attention import MAX_PROMPTS, circuit_heads, head_attention
 from backend.edges.context import EdgeContext, Progress
 from backend.edges.evaluation import EdgeMetrics, curve_area, evaluate, log_spaced_counts
 from backend.edges.registry import EdgeRun, get_edge_method, target_count
@@ -31,6 +32,7 @@ class EdgeConfig:
     options: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     batch_size: int = 16
+    attention_prompts: int = MAX_PROMPTS   # prompts whose attention patterns the circuit's heads store
 
 
 @dataclass
@@ -48,6 +50,7 @@ class EdgeCircuit:
     cost: dict
     details: dict
     seconds: float
+    attention: dict | None = None  # backend.edges.attention.HeadAttention JSON (stored apart, not in to_json)
 
     @property
     def n_kept(self) -> int:
@@ -58,7 +61,9 @@ class EdgeCircuit:
         return 1.0 - self.n_kept / self.graph["edges"]
 
     def to_json(self) -> dict:
-        return {"kind": "edge-circuit", **asdict(self), "n_kept": self.n_kept, "sparsity": self.sparsity}
+        out = {"kind": "edge-circuit", **asdict(self), "n_kept": self.n_kept, "sparsity": self.sparsity}
+        out.pop("attention")
+        return out
 
 
 def describe(ctx: EdgeContext, run: EdgeRun, metrics: EdgeMetrics, model: str, task: str,
@@ -93,7 +98,11 @@ def run_edges(adapter: ModelAdapter, batch: PromptBatch, config: EdgeConfig, *, 
     n = target_count(ctx.graph.n_edges, config.edges, config.sparsity)
     run = method.run(ctx, n, options)
     metrics = evaluate(ctx, run.kept, seed=config.seed)
-    return describe(ctx, run, metrics, model_name or adapter.name, task_name, time.perf_counter() - t0)
+    circuit = describe(ctx, run, metrics, model_name or adapter.name, task_name, time.perf_counter() - t0)
+    # Outside the method's time: one clean forward of a few prompts, for the dashboard.
+    heads = circuit_heads(ctx.graph, [e["id"] for e in circuit.kept])
+    circuit.attention = head_attention(adapter, batch, heads, config.attention_prompts).to_json()
+    return circuit
 
 
 @dataclass

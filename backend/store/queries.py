@@ -570,7 +570,8 @@ def save_edge_circuit(session: Session, result, params_hash: str, model: Model, 
                       n_edges=result.graph["edges"], n_kept=result.n_kept, sparsity=result.sparsity,
                       kl_mean=kl["mean"], kl_ci_low=kl["ci95"][0], kl_ci_high=kl["ci95"][1],
                       recovered=_finite_or_none(result.metrics.get("recovered_of_means")),
-                      seconds=result.seconds, result=_json_safe(result.to_json()))
+                      seconds=result.seconds, result=_json_safe(result.to_json()),
+                      attention=_json_safe(getattr(result, "attention", None)))
     session.add(row)
     session.flush()
     return row

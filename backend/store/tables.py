@@ -420,6 +420,9 @@ class EdgeCircuit(Base):
     recovered: Mapped[float | None]
     seconds: Mapped[float]
     result: Mapped[dict[str, Any]]
+    # The circuit's heads' attention patterns on its first prompts (backend.edges.attention JSON);
+    # NULL for circuits stored before they were computed. Loaded only when asked for.
+    attention: Mapped[dict[str, Any] | None] = mapped_column(deferred=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     model: Mapped[Model] = relationship()

@@ -1,4 +1,5 @@
-"""What the Jobs form sends: budgets parsed from text, and the job bodies (pure functions)."""
+"""What the Jobs form sends: budgets, targets and options parsed from text, and the job bodies of
+every kind the worker runs (pure functions)."""
 
 from __future__ import annotations
 
@@ -35,3 +36,64 @@ def interp_request(kind: str, circuit_id: int | None, explainer: str, rater: str
     if kind == "score":
         params["rater"] = rater
     return {"kind": kind, "params": params}
+
+
+# ------------------------------------------------------------------------------ edge circuits and HAGD
+
+EDGE_KINDS = ("edges", "edge-sweep")
+TRANSCODER_KINDS = ("prune", "sweep", "hagd")
+
+
+def parse_options(text: str | None) -> dict[str, Any]:
+    """'{"rho": 0.2}' -> {"rho": 0.2}; empty -> {}; ValueError unless a JSON object."""
+    import json
+    if not (text or "").strip():
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError:
+        raise ValueError("options: not valid JSON (give an object, e.g. {\"rho\": 0.2})") from None
+    if not isinstance(value, dict):
+        raise ValueError("options: give a JSON object, e.g. {\"rho\": 0.2}")
+    return value
+
+
+def parse_target(text: str | None) -> dict[str, Any]:
+    """"300" -> {"edges": 300}; "0.95" -> {"sparsity": 0.95}; ValueError otherwise."""
+    raw = (text or "").strip()
+    try:
+        if raw.isdigit() and int(raw) >= 1:
+            return {"edges": int(raw)}
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if 0.0 <= value < 1.0 and "." in raw:
+        return {"sparsity": value}
+    raise ValueError("target: an edge count (a whole number, e.g. 300) or a sparsity in [0, 1) (e.g. 0.95)")
+
+
+def edge_request(base: dict[str, Any], method: str, target: str | None, options: str | None) -> dict[str, Any]:
+    """The body of one `edges` job: base holds model, task, n."""
+    params = {**base, "method": method, **parse_target(target)}
+    extra = parse_options(options)
+    return {"kind": "edges", "params": {**params, "options": extra} if extra else params}
+
+
+def edge_sweep_request(base: dict[str, Any], methods: list[str], counts: str | None,
+                       options: str | None) -> dict[str, Any]:
+    """The body of an `edge-sweep` job; no counts -> the worker's log-spaced default.
+    options: per method, e.g. {"eap-ig": {"steps": 2}}."""
+    params: dict[str, Any] = {**base, "methods": list(methods)}
+    if (counts or "").strip():
+        try:
+            params["edge_counts"] = parse_budgets(counts)
+        except ValueError:
+            raise ValueError("edge counts: give positive whole numbers, e.g. 10,100,1000 (or leave empty)") from None
+    extra = parse_options(options)
+    return {"kind": "edge-sweep", "params": {**params, "options": extra} if extra else params}
+
+
+def hagd_request(base: dict[str, Any], options: str | None) -> dict[str, Any]:
+    """The body of a `hagd` job: base holds model, transcoder, task, n."""
+    extra = parse_options(options)
+    return {"kind": "hagd", "params": {**base, "options": extra} if extra else dict(base)}

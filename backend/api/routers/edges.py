@@ -6,8 +6,9 @@ from fastapi import APIRouter, Depends, Query
 from sqlalchemy.orm import Session
 
 from backend.api.deps import get_session
-from backend.api.schemas import (EdgeCircuitDetail, EdgeCircuitSummary, EdgeSweepDetail, EdgeSweepSummary, Offset, Page,
-                                 RecordId)
+from backend.api.schemas import (EdgeAttentionOut, EdgeCircuitDetail, EdgeCircuitSummary, EdgeSweepDetail,
+                                 EdgeSweepSummary, Offset, Page, RecordId)
+from backend.errors import NotFoundError
 from backend.store import queries
 from backend.store.tables import EdgeCircuit, EdgeSweep
 
@@ -49,6 +50,28 @@ def get_edge_circuit(circuit_id: RecordId, session: Session = Depends(get_sessio
     """One edge circuit: kept edges with scores, counts, metrics with CIs, cost."""
     row = queries.get_edge_circuit(session, circuit_id)
     return EdgeCircuitDetail(**_circuit_fields(row), result=row.result)
+
+
+@router.get("/edge-circuits/{circuit_id}/attention", response_model=EdgeAttentionOut)
+def get_edge_circuit_attention(circuit_id: RecordId,
+                               head: str | None = Query(None, max_length=20, pattern=r"^a[0-9]{1,4}\.h[0-9]{1,4}$",
+                                                        description='one head, e.g. "a1.h0"; all when unset'),
+                               patterns: bool = Query(True, description="false: only each head's summary"),
+                               session: Session = Depends(get_session)) -> EdgeAttentionOut:
+    """The circuit's heads' attention patterns on its first prompts, with where the last position
+    attends most. 404 for an unknown circuit, a circuit stored without patterns, or a head not in it."""
+    row = queries.get_edge_circuit(session, circuit_id)
+    data = row.attention
+    if data is None:
+        raise NotFoundError(f"edge circuit {circuit_id} was stored without attention patterns "
+                            "(computed before they were kept); run its edges job again to get them")
+    heads = data["heads"] if head is None else [h for h in data["heads"] if h["head"] == head]
+    if head is not None and not heads:
+        raise NotFoundError(f"head {head} is not in edge circuit {circuit_id}; its heads: "
+                            + (", ".join(h["head"] for h in data["heads"][:20]) or "none"))
+    return EdgeAttentionOut(circuit_id=circuit_id, n_prompts=data["n_prompts"], decimals=data["decimals"],
+                            prompts=data["prompts"],
+                            heads=[{**h, "patterns": h["patterns"] if patterns else None} for h in heads])
 
 
 @router.get("/edge-sweeps", response_model=Page[EdgeSweepSummary])
