@@ -86,7 +86,8 @@ def hierarchy_options(circuit: dict[str, Any]) -> list[dict[str, Any]]:
             for h in rows if h["transcoder"] == circuit["transcoder"]]
 
 
-def layout(id: str | None = None, prompt: str | None = None, **_query: str) -> html.Div:  # noqa: A002
+def layout(id: str | None = None, prompt: str | None = None, hierarchy: str | None = None,  # noqa: A002
+           level: str | None = None, **_query: str) -> html.Div:
     if id is None or not str(id).isdigit():
         return html.Div([html.H2("Circuit"), note("pick a circuit on the Circuits page"), link("Circuits", "/")])
     try:
@@ -96,7 +97,19 @@ def layout(id: str | None = None, prompt: str | None = None, **_query: str) -> h
     except ApiError as err:
         return html.Div([html.H2("Circuit"), error_note(err)])
     view = _default_view(circuit, prompt)
-    first = render_view(circuit["id"], view, DEFAULT_THRESHOLD, [])
+    # ?hierarchy=<id>[&level=<l>] opens the page grouped (links and the README screenshots)
+    chosen = int(hierarchy) if hierarchy and hierarchy.isdigit() and int(hierarchy) in [
+        h["value"] for h in hierarchies] else None
+    levels, start_level = [], None
+    if chosen is not None:
+        try:
+            levels = level_options(current_client().hierarchy(chosen)["result"])
+        except ApiError as err:
+            return html.Div([html.H2("Circuit"), error_note(err)])
+        values = [o["value"] for o in levels]
+        start_level = int(level) if level and level.isdigit() and int(level) in values else (values or [None])[0]
+    first = render_view(circuit["id"], view, DEFAULT_THRESHOLD, [], hierarchy_id=chosen, level=start_level)
+    tree = show_hierarchy(start_level, chosen, view, circuit["id"]) if start_level is not None else []
     if isinstance(first[0], dict):
         first[0].pop("_matches", None)
     small = {"flex": "0 1 170px", "minWidth": "120px"}
@@ -122,10 +135,11 @@ def layout(id: str | None = None, prompt: str | None = None, **_query: str) -> h
                      style={"flex": "1 1 200px"}),
         ], className="pie-filters pie-compact"),
         html.Div([
-            html.Div(dcc.Dropdown(id="circuit-hierarchy", options=hierarchies, placeholder=(
+            html.Div(dcc.Dropdown(id="circuit-hierarchy", options=hierarchies, value=chosen, placeholder=(
                 "group by a HAGD hierarchy…" if hierarchies else "no HAGD hierarchy for this model/transcoder/task"),
                 disabled=not hierarchies), style={"flex": "1 1 260px"}),
-            html.Div(dcc.Dropdown(id="circuit-level", options=[], placeholder="level", clearable=False), style=small),
+            html.Div(dcc.Dropdown(id="circuit-level", options=levels, value=start_level, placeholder="level",
+                                  clearable=False), style=small),
             html.Button("Compute graph", id="circuit-compute", n_clicks=0, style=first[3]),
             html.A("Neuronpedia JSON", id="circuit-export", href=first[4], target="_blank", style=first[5]),
             html.Button("pin clicked", id="circuit-pin", n_clicks=0, title="pin or unpin the last clicked node"),
@@ -147,7 +161,7 @@ def layout(id: str | None = None, prompt: str | None = None, **_query: str) -> h
             html.Div(note("click a feature node to see it here; click a supernode to expand it"),
                      id="circuit-feature-panel", className="pie-panel", style={"flex": "1 1 260px"}),
         ], className="pie-row pie-graph-row"),
-        html.Div(id="circuit-hierarchy-view"),
+        html.Div(tree, id="circuit-hierarchy-view"),
         html.Details([html.Summary("Explain and score this circuit"), interp_controls(
             "circuit-interp", listing, "Explain and score this circuit",
             extra=[html.Div([html.Label("features"), dcc.RadioItems(id="circuit-interp-scope", value="prompt", options=[
