@@ -234,8 +234,9 @@ def units_figure(result: dict[str, Any], shared: set[str], title: str = "", heig
                    customdata=[[u, s] for u, s in zip(units, is_shared)],
                    text=[f"{unit_label(u)}{' (shared)' if s else ''}" for u, s in zip(units, is_shared)],
                    hovertemplate="%{text}<extra></extra>")])
-    fig.update_layout(title=title or None, height=height, margin={"l": 40, "r": 10, "t": 40, "b": 20},
+    fig.update_layout(title=title or None, height=height, margin={"l": 40, "r": 10, "t": 40 if title else 10, "b": 20},
                       plot_bgcolor="white", showlegend=False, dragmode="pan",
                       xaxis={"showticklabels": False, "zeroline": False, "showgrid": False},
-                      yaxis={"title": "layer", "zeroline": False})
+                      yaxis={"title": "layer (embed -1, logits last)" if result["family"] == "ec" else "layer",
+                             "zeroline": False, "dtick": 1})
     return fig

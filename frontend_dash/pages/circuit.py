@@ -30,14 +30,13 @@ import dash
 from dash import Input, Output, State, callback, dcc, html, no_update
 
 from frontend_dash.api_client import ApiError, current_client
+from frontend_dash.components.feature_views import scores_view
 from frontend_dash.components.graph_figure import (aggregate_figure, clicked_feature, clicked_node, feature_key,
                                                    graph_figure, layout_aggregate_nodes, layout_prompt_nodes,
                                                    search_nodes, stored_graphs)
-from frontend_dash.components.supernodes import SUPERNODE, cluster_rows, grouping, level_options, tree_figure
-from frontend_dash.components.feature_views import scores_view
 from frontend_dash.components.interp_launch import interp_controls, launch, poll
+from frontend_dash.components.supernodes import SUPERNODE, cluster_rows, grouping, level_options, tree_figure
 from frontend_dash.components.views import error_note, fmt, link, note, progress_bar, table
-
 
 AGGREGATE = "aggregate"
 POLL_MS = 500
@@ -166,7 +165,7 @@ def layout(id: str | None = None, prompt: str | None = None, hierarchy: str | No
             "circuit-interp", listing, "Explain and score this circuit",
             extra=[html.Div([html.Label("features"), dcc.RadioItems(id="circuit-interp-scope", value="prompt", options=[
                 {"label": " those of the prompt in view", "value": "prompt"},
-                {"label": " all the circuit's", "value": "all"}])])])], open=False, id="circuit-interp"),
+                {"label": " all the circuit's", "value": "all"}])])])], open=True, id="circuit-interp"),
     ])
 
 
@@ -190,6 +189,14 @@ def pick_hierarchy(hierarchy_id: int | None):
     except ApiError:
         return [], None, [], []
     return options, (options[0]["value"] if options else None), [], []
+
+
+@callback(Output("circuit-expanded", "options", allow_duplicate=True),
+          Output("circuit-expanded", "value", allow_duplicate=True),
+          Input("circuit-level", "value"), State("circuit-expanded", "value"), prevent_initial_call=True)
+def new_level(_level: int | None, expanded: list[str] | None):
+    """Another level has other clusters: nothing is expanded."""
+    return ([], []) if expanded else (no_update, no_update)
 
 
 @callback(Output("circuit-graph", "figure"), Output("circuit-graph", "style"), Output("circuit-graph-note", "children"),
@@ -231,7 +238,7 @@ def render_view(circuit_id: int, view: str, threshold: float, errors: list[str] 
                 return (no_update, hidden, note("no graph computed yet for this circuit: compute it (all prompts)"),
                         shown, "", hidden)
             explanations = _explanations(circuit, aggregate["nodes"])
-            figure = aggregate_figure(aggregate, explanations=explanations, title="features across prompts",
+            figure = aggregate_figure(aggregate, explanations=explanations,
                                       height=None, **common)
             matches = search_nodes(layout_aggregate_nodes(aggregate), explanations, query)
             first = min(per_prompt) if per_prompt else None
@@ -243,7 +250,7 @@ def render_view(circuit_id: int, view: str, threshold: float, errors: list[str] 
         key, graph = per_prompt[index]
         explanations = _explanations(circuit, graph["nodes"])
         show_errors = "show" in (errors or [])
-        figure = graph_figure(graph, explanations=explanations, show_errors=show_errors, title=f"prompt {index}",
+        figure = graph_figure(graph, explanations=explanations, show_errors=show_errors,
                               **common)
         matches = search_nodes(layout_prompt_nodes(graph, show_errors), explanations, query)
         return (_with_matches(figure, matches), shown, "", hidden,

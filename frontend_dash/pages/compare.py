@@ -117,9 +117,8 @@ def compare(refs: list[str] | None):
                   html.Ul(definitions)], className="pie-meta"),
         html.P(f"{len(shared)} unit(s) held by two or more of the results (gold in the graphs); "
                f"{len(where) - len(shared)} held by one", id="compare-summary"),
-        html.Div([html.Div([html.H4(_result_link(r)),
-                            dcc.Graph(id={"type": "compare-graph", "ref": r["ref"]},
-                                      figure=units_figure(r, shared, title=f"{r['kept']}"),
+        html.Div([html.Div([html.H4([_result_link(r), html.Span(f" · {r['kept']}", className="pie-meta")]),
+                            dcc.Graph(id={"type": "compare-graph", "ref": r["ref"]}, figure=units_figure(r, shared),
                                       config={"displaylogo": False, "scrollZoom": True})], className="pie-col")
                   for r in results], className="pie-row", id="compare-graphs"),
         html.H4("where they differ"),
