@@ -42,7 +42,7 @@ AGGREGATE = "aggregate"
 POLL_MS = 500
 DEFAULT_THRESHOLD = 0.05
 MAX_PINS = 500          # pinned node ids in one export link (the URL carries them)
-GRAPH_STYLE = {"height": "calc(100vh - 235px)", "minHeight": "340px"}   # fits 1280x800 with the controls
+GRAPH_STYLE = {"height": "calc(100vh - 250px)", "minHeight": "340px"}   # fits 1280x800 with the controls
 
 
 def _prompt_options(circuit: dict[str, Any]) -> list[dict[str, Any]]:
