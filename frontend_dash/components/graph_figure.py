@@ -262,71 +262,66 @@ def _marks(nodes: list[dict[str, Any]], ids: set[str], name: str, symbol: str, c
                  marker={"size": size, "symbol": symbol, "color": color, "line": {"width": 2.5, "color": color}})]
 
 
-def _figure(nodes: list[dict[str, Any]], links: list[dict[str, Any]], explanations: dict[str, str], threshold: float,
-            group: Grouping | None, matches: set[str], pinned: set[str]) -> tuple[go.Figure, list[dict[str, Any]]]:
+def _traces(nodes: list[dict[str, Any]], links: list[dict[str, Any]], explanations: dict[str, str], threshold: float,
+            group: Grouping | None, matches: set[str], pinned: set[str]) -> list[dict[str, Any]]:
     if group is not None:
         nodes, links = group_nodes(nodes, links, group, explanations)
     coords = {n["node_id"]: (n["x"], n["y"]) for n in nodes}
-    traces = (edge_traces(links, coords, threshold) + node_traces(nodes, explanations)
-              + _marks(nodes, matches, "search matches", "circle-open", MATCH_COLOR, MAX_SIZE + 10)
-              + _marks(nodes, pinned, "pinned", "star-open", PIN_COLOR, MAX_SIZE + 4))
-    return go.Figure(traces), nodes
+    return (edge_traces(links, coords, threshold) + node_traces(nodes, explanations)
+            + _marks(nodes, matches, "search matches", "circle-open", MATCH_COLOR, MAX_SIZE + 10)
+            + _marks(nodes, pinned, "pinned", "star-open", PIN_COLOR, MAX_SIZE + 4))
 
 
-def _size_layout(fig: go.Figure, height: int | None) -> None:
-    """A fixed height, or none: the figure then fills its container (sized by the page)."""
-    if height is not None:
-        fig.update_layout(height=height)
-    else:
-        fig.update_layout(autosize=True)
+def _build(traces: list[dict[str, Any]], layout: dict[str, Any], height: int | None,
+           as_dict: bool) -> go.Figure | dict[str, Any]:
+    """A go.Figure, or with `as_dict` the same figure as a plain dict: the pages send that,
+    because validating an 800-node figure into plotly objects costs seconds.
+
+    height: fixed, or None: the figure then fills its container (sized by the page)."""
+    layout = {**layout, **({"height": height} if height is not None else {"autosize": True})}
+    if as_dict:
+        return {"data": traces, "layout": layout}
+    return go.Figure(data=traces, layout=layout)
+
+
+def _common_layout(title: str) -> dict[str, Any]:
+    return {"title": {"text": title} if title else None, "plot_bgcolor": "white", "hovermode": "closest",
+            "clickmode": "event", "dragmode": "pan",
+            "legend": {"orientation": "h", "y": 1.0, "yanchor": "bottom", "x": 0, "xanchor": "left"}}
 
 
 def graph_figure(graph: dict[str, Any], *, explanations: dict[str, str] | None = None,
                  threshold: float = 0.0, show_errors: bool = False, title: str = "",
                  group: Grouping | None = None, query: str | None = None, pinned: set[str] | None = None,
-                 height: int | None = None) -> go.Figure:
+                 height: int | None = None, as_dict: bool = False) -> go.Figure | dict[str, Any]:
     """The attribution graph of one prompt (see the module docstring for group, query, pinned)."""
     explanations = explanations or {}
     placed = layout_prompt_nodes(graph, show_errors)
-    fig, _ = _figure(placed, graph["links"], explanations, threshold, group,
+    traces = _traces(placed, graph["links"], explanations, threshold, group,
                      search_nodes(placed, explanations, query), set(pinned or ()))
     tokens = graph.get("tokens", [])
-    fig.update_layout(
-        title=title or None, margin={"l": 50, "r": 10, "t": 30 if title else 10, "b": 80},
-        plot_bgcolor="white", hovermode="closest", clickmode="event", dragmode="pan",
-        legend={"orientation": "h", "y": 1.0, "yanchor": "bottom", "x": 0, "xanchor": "left"},
-        xaxis={"tickvals": list(range(len(tokens))), "ticktext": [_escape(t, 20) for t in tokens],
-               "tickangle": -45, "range": [-1.7 if show_errors else -0.7, max(len(tokens), 1) - 0.3],
-               "zeroline": False, "showgrid": False, "automargin": True},
-        yaxis=_layer_axis(n_layers_of(graph), with_tokens=True))
-    _size_layout(fig, height)
-    return fig
+    layout = {**_common_layout(title), "margin": {"l": 50, "r": 10, "t": 30 if title else 10, "b": 80},
+              "xaxis": {"tickvals": list(range(len(tokens))), "ticktext": [_escape(t, 20) for t in tokens],
+                        "tickangle": -45, "range": [-1.7 if show_errors else -0.7, max(len(tokens), 1) - 0.3],
+                        "zeroline": False, "showgrid": False, "automargin": True},
+              "yaxis": _layer_axis(n_layers_of(graph), with_tokens=True)}
+    return _build(traces, layout, height, as_dict)
 
 
 def aggregate_figure(aggregate: dict[str, Any], *, explanations: dict[str, str] | None = None,
                      threshold: float = 0.0, title: str = "", group: Grouping | None = None,
                      query: str | None = None, pinned: set[str] | None = None,
-                     height: int | None = 420) -> go.Figure:
+                     height: int | None = 420, as_dict: bool = False) -> go.Figure | dict[str, Any]:
     """Features across all prompts (node size: how many prompts kept the feature)."""
     explanations = explanations or {}
     placed = layout_aggregate_nodes(aggregate)
     n_layers = max((n["layer"] - 1 for n in placed if n["kind"] in TARGET_KINDS), default=0)
-    fig, _ = _figure(placed, aggregate["links"], explanations, threshold, group,
+    traces = _traces(placed, aggregate["links"], explanations, threshold, group,
                      search_nodes(placed, explanations, query), set(pinned or ()))
-    fig.update_layout(
-        title=title or None, margin={"l": 50, "r": 10, "t": 30 if title else 10, "b": 20},
-        plot_bgcolor="white", hovermode="closest", clickmode="event", dragmode="pan",
-        legend={"orientation": "h", "y": 1.0, "yanchor": "bottom", "x": 0, "xanchor": "left"},
-        xaxis={"showticklabels": False, "zeroline": False, "showgrid": False},
-        yaxis=_layer_axis(n_layers, with_tokens=False))
-    _size_layout(fig, height)
-    return fig
-
-
-def displayed_nodes(figure: dict[str, Any] | go.Figure) -> list[list[Any]]:
-    """customdata [node_id, kind, layer, feature-or-cluster] of every node marker in a figure."""
-    data = figure["data"] if isinstance(figure, dict) else [t.to_plotly_json() for t in figure.data]
-    return [list(c) for t in data if t.get("customdata") is not None for c in t["customdata"]]
+    layout = {**_common_layout(title), "margin": {"l": 50, "r": 10, "t": 30 if title else 10, "b": 20},
+              "xaxis": {"showticklabels": False, "zeroline": False, "showgrid": False},
+              "yaxis": _layer_axis(n_layers, with_tokens=False)}
+    return _build(traces, layout, height, as_dict)
 
 
 def clicked_node(click_data: dict[str, Any] | None) -> list[Any] | None:

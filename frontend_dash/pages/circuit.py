@@ -238,8 +238,7 @@ def render_view(circuit_id: int, view: str, threshold: float, errors: list[str] 
                 return (no_update, hidden, note("no graph computed yet for this circuit: compute it (all prompts)"),
                         shown, "", hidden)
             explanations = _explanations(circuit, aggregate["nodes"])
-            figure = aggregate_figure(aggregate, explanations=explanations,
-                                      height=None, **common)
+            figure = aggregate_figure(aggregate, explanations=explanations, height=None, as_dict=True, **common)
             matches = search_nodes(layout_aggregate_nodes(aggregate), explanations, query)
             first = min(per_prompt) if per_prompt else None
             href = "" if first is None else f"/export/circuit/{circuit_id}/{per_prompt[first][0]}.json?prompt={first}"
@@ -250,8 +249,7 @@ def render_view(circuit_id: int, view: str, threshold: float, errors: list[str] 
         key, graph = per_prompt[index]
         explanations = _explanations(circuit, graph["nodes"])
         show_errors = "show" in (errors or [])
-        figure = graph_figure(graph, explanations=explanations, show_errors=show_errors,
-                              **common)
+        figure = graph_figure(graph, explanations=explanations, show_errors=show_errors, as_dict=True, **common)
         matches = search_nodes(layout_prompt_nodes(graph, show_errors), explanations, query)
         return (_with_matches(figure, matches), shown, "", hidden,
                 f"/export/circuit/{circuit_id}/{key}.json?prompt={index}", shown)
@@ -259,10 +257,8 @@ def render_view(circuit_id: int, view: str, threshold: float, errors: list[str] 
         return no_update, hidden, error_note(err), hidden, "", hidden
 
 
-def _with_matches(figure, matches: set[str]) -> dict[str, Any]:
-    out = figure.to_plotly_json()
-    out["_matches"] = sorted(matches)
-    return out
+def _with_matches(figure: dict[str, Any], matches: set[str]) -> dict[str, Any]:
+    return {**figure, "_matches": sorted(matches)}
 
 
 @callback(Output("circuit-expanded", "options", allow_duplicate=True),
