@@ -2,7 +2,9 @@
 
 1. the demo model (converted once from the GGUF in its PyPI package into models_cache);
 2. its CLT (trained once, ~20 minutes on 2 cores, then reused);
-3. the worker API, with an IOI sweep, a FAP circuit and its attribution graph stored through it;
+3. the worker API, with an IOI sweep, a FAP circuit and its attribution graph stored through it,
+   and for Compare and the supernodes a FAP-Synergy circuit, an EAP and a HAP edge circuit and a
+   HAGD hierarchy on IOI (`demo_jobs`);
 4. PIE's Interpret and Evaluate on that circuit: the features of the graph's nodes are harvested,
    explained and FADE-scored (`interp_jobs`: offline explainer and proxy rater by default, the
    LLM endpoint when PIESCOPE_LLM_BASE_URL and PIESCOPE_LLM_MODEL are set), so every feature node
@@ -36,6 +38,13 @@ GRAPH_PROMPT = 0
 # The demo steers 4 prompts x 8 tokens per factor (the score job's default is 8 x 16, ~4x the
 # cost): steering is most of the demo's interpretation time on two CPU cores.
 DEMO_STEERING = {"n_steer_prompts": 4, "n_new_tokens": 8}
+# Compare's second family: edge circuits on 8 prompts at ~300 of the graph's edges (EAP's
+# ~94% sparsity in bench/hap_vs_ep.py); HAP's mask training cut to 20 steps (far from converged,
+# the reference is 3,000: the demo shows the method, bench/hap_vs_ep.py measures it).
+EDGE_N, EDGE_COUNT = 8, 300
+HAP_DEMO = {"max_steps": 20, "warmup": 10, "window": 5}
+# A small HAGD run (top 30 occurrences per prompt, 2 verification sets of 8 prompts) for supernodes.
+HAGD_DEMO = {"pool": 30, "steps": 30, "verify_seeds": 2, "verify_n": 8}
 
 
 def _say(message: str) -> None:
@@ -43,11 +52,19 @@ def _say(message: str) -> None:
 
 
 def demo_jobs(model: str, transcoder: str) -> list[tuple[str, dict[str, Any]]]:
-    """The jobs the demo stores: an IOI sweep and a FAP circuit (its graph follows)."""
+    """The jobs the demo stores: an IOI sweep; so that Compare has something to compare, a
+    FAP-Synergy circuit at K = 50 on the FAP circuit's prompts, an EAP and a HAP edge circuit
+    (HAP with a few mask-training steps only) and a small HAGD hierarchy, whose clusters the
+    circuit page can group the graph by; last the FAP circuit at K = 50 (its graph follows)."""
     dataset = {"model": model, "transcoder": transcoder, "task": "ioi"}
+    edges = {"model": model, "task": "ioi", "n": EDGE_N, "edges": EDGE_COUNT}
     return [
         ("sweep", {**dataset, "n": SWEEP_N, "methods": ["fap", "activation-magnitude", "random"],
                    "ks": [50, 100, 200, 400, 800]}),
+        ("prune", {**dataset, "n": PRUNE_N, "method": "fap-synergy", "k": 50}),
+        ("edges", {**edges, "method": "eap"}),
+        ("edges", {**edges, "method": "hap", "options": HAP_DEMO}),
+        ("hagd", {**dataset, "n": PRUNE_N, "options": HAGD_DEMO}),
         ("prune", {**dataset, "n": PRUNE_N, "method": "fap", "k": 50}),
     ]
 

@@ -14,6 +14,12 @@ edges are drawn (the clientside threshold has run and every trace is in the SVG)
 slider step by keyboard (the handle focused, ArrowLeft) until the figure draws one edge fewer,
 re-thresholded in the browser with no server round trip.
 
+Supernodes: a HAGD hierarchy of the same graph's features (its links summed by feature, coarsened
+by the real `build_hierarchy`, ratio 4) is stored too; first paint is navigation to the prompt
+view grouped by its coarsest level but one (?hierarchy=..&level=..) until every supernode is
+drawn; redraws are expanding the largest supernode by a click and collapsing it again (unticking
+it), each timed until the supernode count has changed.
+
     python bench/dash_render.py [--runs 5] [--nodes 800] [--links 4000] [--edges 6000]
 """
 
@@ -26,6 +32,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -90,6 +98,76 @@ def seed(settings: Settings, circuit: Circuit, graph: dict) -> int:
         session.flush()
         queries.set_circuit_graph(session, row.id, None, graph)
         return row.id
+
+
+def seed_hierarchy(settings: Settings, graph: dict) -> tuple[int, int]:
+    """A HAGD hierarchy over the graph's features (real spectral coarsening of the feature links,
+    synthetic everything else) -> (hierarchy id, the level to group by)."""
+    import numpy as np
+
+    from backend.hagd.hierarchy import build_hierarchy
+    feats = sorted({(n["layer"], n["feature"]) for n in graph["nodes"] if n["kind"] == "feature"})
+    where = {f: i for i, f in enumerate(feats)}
+    of_node = {n["node_id"]: where[(n["layer"], n["feature"])] for n in graph["nodes"] if n["kind"] == "feature"}
+    w = np.zeros((len(feats), len(feats)))
+    for link in graph["links"]:
+        s, t = of_node.get(link["source"]), of_node.get(link["target"])
+        if s is not None and t is not None and s != t:
+            w[s, t] += abs(link["weight"])
+            w[t, s] += abs(link["weight"])
+    tree = build_hierarchy(w, ratio=4.0, top=5, seed=0)
+    level = max(1, len(tree.levels) - 2)
+    nodes = [{"id": f"{l}_{f}", "kind": "feature", "layer": l, "feature": f, "position": -1, "target": 0.0,
+              "fap": float(w[i].sum()), "abs_fap": float(w[i].sum()), "act_mean": 1.0, "n_prompts": 1}
+             for i, (l, f) in enumerate(feats)]
+    stat = {"sufficiency_mean": 0.5, "sufficiency_std": 0.0, "necessity_mean": 0.5, "necessity_std": 0.0}
+    result = {"model": MODEL, "transcoder": TRANSCODER, "task": "ioi", "n_prompts": 1, "config": {"score": "mass"},
+              "graph": {"n_nodes": len(nodes), "nodes": nodes, "links": []}, "hierarchy": tree.to_json(),
+              "levels": tree.counts(), "search": {"evaluations": 0, "trace": []}, "circuit": [],
+              "verification": {"hagd": stat}, "seconds": {"total": 0.0}, "scorer": {}}
+    _, sessions = open_store(settings)
+    with transaction(sessions) as session:
+        model = queries.get_or_create_model(session, MODEL, "synthetic")
+        tc = queries.get_or_create_transcoder(session, TRANSCODER, model)
+        return queries.save_hierarchy(session, result, "bench-dash-render-hagd", model, tc, None).id, level
+
+
+SUPERS = ("const gd = document.querySelector('#circuit-graph .js-plotly-plot');"
+          "const t = gd && gd.data && gd.data.find(t => t.name === 'supernode'); return t ? t.x.length : -1;")
+
+
+def _wait_count(driver, want, start: float, timeout: float = 60.0) -> float:
+    while driver.execute_script(SUPERS) != want:
+        if time.perf_counter() - start > timeout:
+            raise TimeoutError(f"the supernode count did not reach {want} in {timeout} s")
+        time.sleep(0.005)
+    return time.perf_counter() - start
+
+
+def time_supernodes(driver, url: str, n_super: int, runs: int) -> tuple[float, list[float], list[float]]:
+    """(first paint s, expand redraws s, collapse redraws s) of the grouped view."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    start = time.perf_counter()
+    driver.get(url)
+    first = _wait_count(driver, n_super, start)
+    expand, collapse = [], []
+    for _ in range(runs):
+        index, biggest, cid = driver.execute_script(
+            "const gd = document.querySelector('#circuit-graph .js-plotly-plot');"
+            "const i = gd.data.findIndex(t => t.name === 'supernode'); const c = gd.data[i].customdata;"
+            "let b = 0; c.forEach((d, j) => { if (d[4].split(',').length > c[b][4].split(',').length) b = j; });"
+            "return [i, b, c[b][3]];")
+        trace = driver.find_elements("css selector", "#circuit-graph .scatterlayer .trace")[index]
+        point = trace.find_elements("css selector", "path.point")[biggest]
+        ActionChains(driver).move_to_element(point).pause(0.2).perform()
+        start = time.perf_counter()
+        ActionChains(driver).click().perform()
+        expand.append(_wait_count(driver, n_super - 1, start))
+        box = driver.find_element("css selector", f"#circuit-expanded input[value='{cid}']")
+        start = time.perf_counter()
+        box.click()
+        collapse.append(_wait_count(driver, n_super, start))
+    return first, expand, collapse
 
 
 def time_render(driver, url: str, n_points: int, timeout: float = 60.0) -> float:
@@ -209,6 +287,7 @@ def main() -> None:
     circuit, graph = synthetic(random.Random(0), args.nodes, args.links)
     circuit_id = seed(settings, circuit, graph)
     edge_circuit_id = seed_edge_circuit(settings, synthetic_edge_circuit(random.Random(0), args.edges))
+    hierarchy_id, level = seed_hierarchy(settings, graph["graphs"][0])
     api_url, stop_api = start_api(settings)
     dash_url, stop_dash = start_dash(settings.model_copy(update={"api_url": api_url}))
     driver = new_driver(tmp / "chromium_profile")
@@ -231,6 +310,22 @@ def main() -> None:
             {"view": "edge circuit: slider redraw", "edges drawn": args.edges - 1, "first load s": None,
              "median s": statistics.median(edge["redraws"]), "max s": max(edge["redraws"]),
              "target": f"< {TARGET_S:g} s", "ok": "yes" if statistics.median(edge["redraws"]) < TARGET_S else "NO"}]
+        from frontend_dash.components.supernodes import grouping
+        detail = httpx.get(f"{api_url}/api/hierarchies/{hierarchy_id}", timeout=60).json()
+        group = grouping(detail["result"], level)
+        feats = {(n["layer"], n["feature"]) for n in graph["graphs"][0]["nodes"] if n["kind"] == "feature"}
+        n_super = len({group.clusters[f] for f in feats if f in group.clusters})
+        url = f"{dash_url}/circuit?id={circuit_id}&prompt=0&hierarchy={hierarchy_id}&level={level}"
+        cold = time_supernodes(driver, url, n_super, 0)[0]
+        firsts = [time_supernodes(driver, url, n_super, 0)[0] for _ in range(args.runs)]
+        _, expand, collapse = time_supernodes(driver, url, n_super, args.runs)
+        for view, paint, redraws in ((f"prompt 0 grouped: level {level}, {n_super} supernodes", cold, firsts),
+                                     ("  redraw: expand a supernode (click)", None, expand),
+                                     ("  redraw: collapse it (untick)", None, collapse)):
+            median = statistics.median(redraws)
+            rows.append({"view": view, "nodes drawn": n_super + N_TOKENS + 1, "links": args.links,
+                         "first load s": paint, "median s": median, "max s": max(redraws),
+                         "target": f"< {TARGET_S:g} s", "ok": "yes" if median < TARGET_S else "NO"})
     finally:
         driver.quit()
         stop_dash()

@@ -1,9 +1,12 @@
 """Screenshots of a running PIEscope dashboard for the README (after `make demo`).
 
     .venv/bin/python docs/screenshot.py [--dash http://127.0.0.1:8050] [--circuit ID] [--sweep ID]
+                                        [--hierarchy ID] [--compare fc1,fc2,ec1,h1]
 
-Writes docs/circuit.png and docs/kl_vs_k.png with headless Chromium (Debian's chromium and
-chromium-driver; `apt-get install -y chromium chromium-driver`).
+Writes docs/circuit.png, docs/kl_vs_k.png and, when the demo stored them, docs/supernodes.png
+(the circuit grouped by a HAGD hierarchy) and docs/compare.png (results of several methods),
+with headless Chromium (Debian's chromium and chromium-driver; `apt-get install -y chromium
+chromium-driver`).
 """
 
 from __future__ import annotations
@@ -52,8 +55,16 @@ def main() -> None:
     parser.add_argument("--circuit", type=int, default=1)
     parser.add_argument("--sweep", type=int, default=1)
     parser.add_argument("--settle", type=float, default=3.0)
+    parser.add_argument("--hierarchy", type=int, default=None, help="HAGD hierarchy to group the circuit by")
+    parser.add_argument("--compare", default=None, help="results to compare, e.g. fc1,fc2,ec1,ec2,h1")
     args = parser.parse_args()
     out = ROOT / "docs"
+    if args.hierarchy is not None:
+        shoot(f"{args.dash}/circuit?id={args.circuit}&prompt=0&hierarchy={args.hierarchy}", out / "supernodes.png",
+              "#circuit-tree .main-svg", args.settle)
+    if args.compare:
+        shoot(f"{args.dash}/compare?ids={args.compare}", out / "compare.png", "#compare-graphs .js-plotly-plot",
+              args.settle)
     shoot(f"{args.dash}/circuit?id={args.circuit}&prompt=0", out / "circuit.png", ".js-plotly-plot .nodes, .js-plotly-plot",
           args.settle)
     shoot(f"{args.dash}/sweep?id={args.sweep}", out / "kl_vs_k.png", ".js-plotly-plot", args.settle)

@@ -39,6 +39,7 @@ class ApiClient:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._http = httpx.Client(base_url=self.base_url, timeout=timeout, headers=headers, transport=transport)
         self._circuits: OrderedDict[int, dict[str, Any]] = OrderedDict()
+        self._hierarchies: OrderedDict[int, dict[str, Any]] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
 
@@ -139,6 +140,35 @@ class ApiClient:
 
     def neuronpedia(self, circuit_id: int, key: str, prompt: int | None = None) -> dict[str, Any]:
         return self.get(f"/api/circuits/{int(circuit_id)}/graphs/{key}/neuronpedia", prompt=prompt)
+
+    def subgraph(self, circuit_id: int, key: str, node_ids: list[str], prompt: int | None = None) -> dict[str, Any]:
+        """The Neuronpedia JSON of the subgraph of pinned `node_ids` (plus the target)."""
+        return self.post(f"/api/circuits/{int(circuit_id)}/graphs/{key}/subgraph",
+                         {"node_ids": list(node_ids), "prompt": prompt})
+
+    def hierarchies(self, **filters: Any) -> dict[str, Any]:
+        """A page of HAGD hierarchy summaries; filters: model, task, limit, offset."""
+        return self.get("/api/hierarchies", **filters)
+
+    def hierarchy(self, hierarchy_id: int) -> dict[str, Any]:
+        """One HAGD run with its whole result (graph, tree, trace, circuit, verification); cached
+        by id (a stored hierarchy never changes: a rerun replaces the row under a new id)."""
+        hierarchy_id = int(hierarchy_id)
+        with self._lock:
+            if hierarchy_id in self._hierarchies:
+                return self._hierarchies[hierarchy_id]
+        data = self.get(f"/api/hierarchies/{hierarchy_id}")
+        with self._lock:
+            self._hierarchies[hierarchy_id] = data
+            while len(self._hierarchies) > self._cache_size:
+                self._hierarchies.popitem(last=False)
+        return data
+
+    def edge_circuit_list(self, **filters: Any) -> dict[str, Any]:
+        return self.get("/api/edge-circuits", **filters)
+
+    def edge_circuit_detail(self, circuit_id: int) -> dict[str, Any]:
+        return self.get(f"/api/edge-circuits/{int(circuit_id)}")
 
     # ------------------------------------------------------------------ jobs
 

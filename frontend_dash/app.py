@@ -7,7 +7,8 @@ one module each with its layout and callbacks. `serve(settings)` runs it on
 settings.dash_host:dash_port (127.0.0.1:8050 by default).
 
 Besides Dash's own routes the server answers /export/circuit/<id>/<key>.json, the Neuronpedia
-graph JSON of a stored graph fetched from the API, so the browser never needs to reach the API.
+graph JSON of a stored graph fetched from the API, so the browser never needs to reach the API,
+and /export/subgraph/<id>/<key>.json?prompt=P&nodes=a,b,... the subgraph of pinned nodes.
 """
 
 from __future__ import annotations
@@ -63,6 +64,21 @@ def _export_route(client: ApiClient):
     return export
 
 
+def _subgraph_route(client: ApiClient):
+    def export(circuit_id: int, key: str) -> Response:
+        prompt = request.args.get("prompt", type=int)
+        nodes = [n for n in request.args.get("nodes", "").split(",") if n]
+        try:
+            data = client.subgraph(circuit_id, key, nodes, prompt)
+        except ApiError as err:
+            return Response(json.dumps({"detail": err.message}), status=err.status or 502,
+                            mimetype="application/json")
+        name = f"piescope-circuit-{circuit_id}-{key}-subgraph"
+        return Response(json.dumps(data), mimetype="application/json",
+                        headers={"Content-Disposition": f'inline; filename="{name}.json"'})
+    return export
+
+
 def create_dash_app(settings: Settings | None = None, *, client: ApiClient | None = None) -> dash.Dash:
     """The dashboard over the API at settings.api_url (`client` replaces the default client)."""
     settings = settings or Settings()
@@ -73,6 +89,7 @@ def create_dash_app(settings: Settings | None = None, *, client: ApiClient | Non
     _import_pages()
     app.layout = _shell()
     app.server.add_url_rule("/export/circuit/<int:circuit_id>/<key>.json", "export_graph", _export_route(client))
+    app.server.add_url_rule("/export/subgraph/<int:circuit_id>/<key>.json", "export_subgraph", _subgraph_route(client))
     return app
 
 

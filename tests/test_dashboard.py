@@ -320,7 +320,7 @@ def test_every_page_loads_without_console_errors(dash_stack, driver):  # noqa: F
              ("circuit", f"/circuit?id={dash_stack.circuit_id}", "#circuit-graph .scatterlayer .trace"),
              ("circuit_prompt", f"/circuit?id={dash_stack.circuit_id}&prompt=0", "#circuit-graph .xtick"),
              ("kl_vs_k", f"/sweep?id={dash_stack.sweep_id}", "#sweep-figure .scatterlayer .trace"),
-             ("compare", f"/compare?a={dash_stack.circuit_id}", "#compare-kl .main-svg"),
+             ("compare", f"/compare?a={dash_stack.circuit_id}", "#compare-metrics"),
              ("feature", f"/feature?id={feature_id}", "#feature-explanations .pie-note"),
              ("jobs", "/jobs", "#jobs-recent")]
     for name, path, ready in pages:

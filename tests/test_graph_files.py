@@ -10,6 +10,7 @@ from fastapi.testclient import TestClient
 
 from backend.api.app import create_app
 from backend.circuits.graph import Graph
+from backend.errors import InvalidParameterError
 from backend.cli import main
 from backend.store import queries
 from backend.store.db import transaction
@@ -42,6 +43,34 @@ def test_import_stores_a_circuit_that_exports_the_same_graph(client):
     assert kl_pairs(circuit, circuit) == [] and feature_sets(circuit, circuit)["shared"]
     # The same file again: the same row.
     assert client.post("/api/graphs/import", json=HAND_WRITTEN).json()["circuit_id"] == body["circuit_id"]
+
+
+def test_a_subgraph_keeps_the_chosen_nodes_their_edges_and_the_target_and_imports_back(client):
+    whole = Graph.from_neuronpedia(HAND_WRITTEN)
+    features = [n.node_id for n in whole.nodes if n.kind == "feature"]
+    keep = [features[0], next(n.node_id for n in whole.nodes if n.kind == "token")]
+    sub = whole.subgraph(keep)
+    target = whole.target.node_id
+    assert sub.ids == [i for i in whole.ids if i in {*keep, target}]          # the graph's own order
+    for s in sub.ids:                                                        # every weight as it was
+        for t in sub.ids:
+            assert sub.weight(s, t) == whole.weight(s, t)
+    assert whole.subgraph(whole.ids) == whole
+    with pytest.raises(InvalidParameterError, match="no node 'ghost'"):
+        whole.subgraph(["ghost"])
+
+    stored = client.post("/api/graphs/import", json=HAND_WRITTEN).json()
+    url = f"/api/circuits/{stored['circuit_id']}/graphs/{stored['graph_key']}/subgraph"
+    exported = client.post(url, json={"node_ids": keep})
+    assert exported.status_code == 200, exported.text
+    doc = exported.json()
+    assert doc["qParams"]["pinnedIds"] == keep and Graph.from_neuronpedia(doc) == sub
+    again = client.post("/api/graphs/import", json=doc)
+    assert again.status_code == 201 and again.json()["nodes"] == 3
+    for body, needle in (({"node_ids": ["ghost"]}, "ghost"), ({"node_ids": []}, "node_ids"),
+                         ({"node_ids": keep, "prompt": 5}, "no prompt 5"), ({"node_ids": keep, "x": 1}, "x")):
+        refused = client.post(url, json=body)
+        assert refused.status_code in (404, 422) and needle in refused.text, (body, refused.text)
 
 
 @pytest.mark.parametrize("body, status, message", [

@@ -220,15 +220,31 @@ class Graph:
         graph.adjacency = cls._adjacency(graph.ids, data["links"])
         return graph
 
+    def subgraph(self, keep: list[str]) -> Graph:
+        """The graph induced by the nodes `keep` (ids; unknown ones raise InvalidParameterError)
+        plus the target, in this graph's node order, with the edges among them unchanged."""
+        ids = self.ids
+        where = {node: i for i, node in enumerate(ids)}
+        missing = [k for k in keep if k not in where]
+        if missing:
+            raise InvalidParameterError(f"the graph has no node {missing[0]!r}"
+                                        + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        chosen = set(keep) | ({self.target.node_id} if self.target is not None else set())
+        index = torch.tensor([i for i, node in enumerate(ids) if node in chosen], dtype=torch.long)
+        return Graph(self.prompt, list(self.tokens), self.n_layers, [self.nodes[i] for i in index.tolist()],
+                     self.adjacency[index][:, index].clone(), dict(self.info))
+
     # ------------------------------------------------------------------ Neuronpedia / circuit-tracer JSON
 
-    def to_neuronpedia(self, *, slug: str, scan: str, prompt: str = "",
-                       max_links: int | None = None) -> dict[str, Any]:
-        """circuit-tracer / Neuronpedia graph JSON (`create_graph_files`' schema)."""
+    def to_neuronpedia(self, *, slug: str, scan: str, prompt: str = "", max_links: int | None = None,
+                       pinned: list[str] | None = None) -> dict[str, Any]:
+        """circuit-tracer / Neuronpedia graph JSON (`create_graph_files`' schema); `pinned` node ids
+        go into qParams.pinnedIds (Neuronpedia's subgraph)."""
         return {"metadata": {"slug": slug, "scan": scan, "transcoder_list": [], "prompt_tokens": list(self.tokens),
                              "prompt": prompt, "node_threshold": None, "schema_version": 1,
                              "piescope": {"prompt": self.prompt, "n_layers": self.n_layers}},
-                "qParams": {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""},
+                "qParams": {"pinnedIds": list(pinned or []), "supernodes": [], "linkType": "both", "clickedId": "",
+                            "sg_pos": ""},
                 "nodes": [_neuronpedia_node(n) for n in self.nodes],
                 "links": self.links(max_links)}
 

@@ -42,7 +42,7 @@ class SearchResult:
 
     survivors: list[int]
     evaluations: int
-    trace: list[dict[str, Any]] = field(default_factory=list)  # per level: scored, kept, scores
+    trace: list[dict[str, Any]] = field(default_factory=list)  # per level: scored, kept, cluster ids, scores
 
 
 def cluster_codes(graph: FeatureGraph, cluster: Cluster, n_features: int) -> Tensor:
@@ -83,7 +83,7 @@ def coarse_to_fine(hierarchy: Hierarchy, graph: FeatureGraph, score: ClusterScor
         keep = [i for i, s in enumerate(scores) if abs(s) > 0 and abs(s) >= threshold * total]
         if not keep:
             keep = [int(np.argmax(np.abs(scores)))]
-        trace.append({"level": level, "scored": len(clusters), "kept": len(keep),
+        trace.append({"level": level, "scored": len(clusters), "kept": len(keep), "clusters": [c.id for c in clusters],
                       "scores": [round(float(s), 5) for s in scores]})
         frontier = [ch for i in keep for ch in clusters[i].children]
     survivors = sorted(hierarchy.levels[0][i].members[0] for i in frontier)

@@ -103,11 +103,14 @@ def import_graph(session: Session, graph_doc: dict[str, Any], *, model: str | No
     return row.id, key
 
 
-def export_graph(session: Session, circuit_id: int, key: str, prompt: int | None = None) -> dict[str, Any]:
+def export_graph(session: Session, circuit_id: int, key: str, prompt: int | None = None,
+                 nodes: list[str] | None = None) -> dict[str, Any]:
     """One prompt's stored graph of a circuit as Neuronpedia graph JSON.
 
     key: "all" or a prompt index, with "@logit" for graphs of the answer logit; prompt: which
     prompt of that graph (default: its first). NotFoundError (404) says what is computed.
+    nodes: export only the subgraph induced by these node ids (and the target), pinned in
+    qParams.pinnedIds; an id the graph lacks is an InvalidParameterError (422).
     """
     from backend.errors import NotFoundError
     from backend.store import queries
@@ -126,5 +129,9 @@ def export_graph(session: Session, circuit_id: int, key: str, prompt: int | None
     except (KeyError, TypeError, ValueError) as err:  # a stored document that is not a whole graph
         raise NotFoundError(f"graph '{key}' of circuit {circuit_id} has no complete graph of prompt {index} "
                             f"to export (missing {err})") from None
-    return graph.to_neuronpedia(
-        slug=f"piescope-circuit-{circuit_id}-prompt-{index}", scan=row.transcoder.name, prompt=text)
+    slug = f"piescope-circuit-{circuit_id}-prompt-{index}"
+    if nodes is not None:
+        graph = graph.subgraph(nodes)
+        return graph.to_neuronpedia(slug=f"{slug}-subgraph", scan=row.transcoder.name, prompt=text,
+                                    pinned=list(dict.fromkeys(nodes)))
+    return graph.to_neuronpedia(slug=slug, scan=row.transcoder.name, prompt=text)

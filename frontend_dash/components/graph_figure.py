@@ -8,6 +8,11 @@ position) share the column side by side. Edges are line segments, one trace per 
 bin) with None separators, the bin setting the opacity. The aggregate graph (features across
 prompts, no positions) puts each layer's features side by side, most-shared first.
 
+Both figures fit their container (no fixed height: the page sizes the graph to the viewport),
+pan by drag and zoom by wheel. `query` highlights the nodes whose id, "L<layer> #<feature>" or
+explanation contains it (a ring); `pinned` node ids get a star; `group` (a HAGD level, see
+components/supernodes) draws each collapsed cluster as one supernode.
+
 User text (explanations) goes into hover labels HTML-escaped: Plotly renders a few tags in
 labels, so `<b>` in an explanation must arrive as the characters, not as markup.
 """
@@ -21,12 +26,15 @@ from typing import Any
 
 import plotly.graph_objects as go
 
+from frontend_dash.components.supernodes import SUPER_COLOR, SUPERNODE, Grouping, group_nodes
+
 POSITIVE, NEGATIVE = "#1f77b4", "#d62728"
 TOKEN_COLOR, ERROR_COLOR, LOGIT_COLOR = "#7f7f7f", "#c7c7c7", "#2ca02c"
 TARGET_KINDS = ("metric", "logit")          # what a graph explains (drawn on top)
 HIDDEN_KINDS = ("error", "pruned", "bias")  # shown with the "error nodes" toggle
 OPACITY_BINS = (0.15, 0.3, 0.55, 0.9)   # opacity of edges by |weight| / max |weight| quartile
-MIN_SIZE, MAX_SIZE = 7.0, 26.0
+MIN_SIZE, MAX_SIZE = 6.0, 20.0
+MATCH_COLOR, PIN_COLOR = "#ff7f0e", "#e6ab02"
 SPREAD = 0.8                            # width of a column shared by features at one (layer, pos)
 HOVER_TEXT_CHARS = 160
 
@@ -119,8 +127,26 @@ def edge_traces(links: list[dict[str, Any]], coords: dict[str, tuple[float, floa
     return traces
 
 
+def _supernode_hover(n: dict[str, Any]) -> str:
+    lines = [f"<b>supernode {_escape(n['cluster'])}</b>: {n['n_features']} feature(s) here "
+             f"({len(n['members'])} node(s)) of {n['cluster_size']} in the cluster"]
+    if n.get("score") is not None:
+        lines.append(f"summed attribution {n['score']:.4g}")
+    lines.append(f"summed FAP over the task (HAGD graph) {n['task_fap']:.4g}")
+    for key, name in (("predicted", "predicted effect (scorer)"), ("measured", "measured effect (ablation)"),
+                      ("mass", "attribution mass")):
+        if n.get(key) is not None:
+            lines.append(f"{name} {n[key]:.3g}")
+    for layer, feature, text in n["top"]:
+        lines.append(f"L{layer} #{feature}: {_escape(text, 90) if text else 'no explanation yet'}")
+    lines.append("click to expand")
+    return "<br>".join(lines)
+
+
 def _node_hover(n: dict[str, Any], explanations: dict[str, str]) -> str:
     kind = n["kind"]
+    if kind == SUPERNODE:
+        return _supernode_hover(n)
     if kind == "feature":
         lines = [f"<b>feature L{n['layer']} #{n['feature']}</b>"]
         if "position" in n:
@@ -159,9 +185,26 @@ def node_traces(nodes: list[dict[str, Any]], explanations: dict[str, str]) -> li
     styles = {"token": ("square", TOKEN_COLOR), "error": ("x", ERROR_COLOR), "pruned": ("x-open", ERROR_COLOR),
               "bias": ("cross", ERROR_COLOR), "logit": ("diamond", LOGIT_COLOR), "metric": ("diamond", LOGIT_COLOR)}
     traces = []
-    for kind in ("token", "error", "pruned", "bias", "feature", "metric", "logit"):
+    for kind in ("token", "error", "pruned", "bias", SUPERNODE, "feature", "metric", "logit"):
         members = [n for n in nodes if n["kind"] == kind]
         if not members:
+            continue
+        if kind == SUPERNODE:
+            top_super = max((abs(n.get("score") if n.get("score") is not None else n["task_fap"]) for n in members),
+                            default=0.0)
+            sizes = [MAX_SIZE * 0.8 + 14 * math.sqrt(min(abs(n.get("score") if n.get("score") is not None
+                                                             else n["task_fap"]) / top_super, 1.0))
+                     if top_super > 0 else MAX_SIZE for n in members]
+            traces.append(dict(
+                type="scatter", x=[n["x"] for n in members], y=[n["y"] for n in members], mode="markers+text",
+                name="supernode", text=[_node_hover(n, explanations) for n in members],
+                textposition="middle center", texttemplate=[str(len(n["members"])) for n in members],
+                textfont={"color": "white", "size": 10},
+                marker={"size": sizes, "color": SUPER_COLOR, "symbol": "hexagon", "opacity": 0.85,
+                        "line": {"width": 1, "color": "#3f2a5c"}},
+                customdata=[[n["node_id"], SUPERNODE, n["layer"], n["cluster"], ",".join(n["members"])]
+                            for n in members],
+                hovertemplate="%{text}<extra></extra>"))
             continue
         if kind == "feature":
             if any("n_prompts" in n for n in members):
@@ -192,36 +235,101 @@ def _layer_axis(n_layers: int, with_tokens: bool) -> dict[str, Any]:
             "zeroline": False, "showgrid": True}
 
 
-def graph_figure(graph: dict[str, Any], *, explanations: dict[str, str] | None = None,
-                 threshold: float = 0.0, show_errors: bool = False, title: str = "") -> go.Figure:
-    """The attribution graph of one prompt."""
-    nodes = layout_prompt_nodes(graph, show_errors)
+def search_nodes(nodes: list[dict[str, Any]], explanations: dict[str, str], query: str | None) -> set[str]:
+    """Ids of the feature nodes whose node id, "L<layer> #<feature>" or explanation contains
+    `query` (case-insensitive; empty matches nothing)."""
+    q = (query or "").strip().lower()
+    if not q:
+        return set()
+    found = set()
+    for n in nodes:
+        if n["kind"] != "feature":
+            continue
+        text = explanations.get(feature_key(n["layer"], n["feature"]), "")
+        if (q in n["node_id"].lower() or q in f"l{n['layer']} #{n['feature']}" or q in text.lower()
+                or q in str(n.get("label", "")).lower()):
+            found.add(n["node_id"])
+    return found
+
+
+def _marks(nodes: list[dict[str, Any]], ids: set[str], name: str, symbol: str, color: str, size: float) -> list[dict]:
+    """An overlay trace ringing the displayed nodes that are, or stand for (supernodes), `ids`."""
+    shown = [n for n in nodes if n["node_id"] in ids or (n["kind"] == SUPERNODE and ids.intersection(n["members"]))]
+    if not shown:
+        return []
+    return [dict(type="scatter", x=[n["x"] for n in shown], y=[n["y"] for n in shown], mode="markers", name=name,
+                 hoverinfo="skip", showlegend=True,
+                 marker={"size": size, "symbol": symbol, "color": color, "line": {"width": 2.5, "color": color}})]
+
+
+def _traces(nodes: list[dict[str, Any]], links: list[dict[str, Any]], explanations: dict[str, str], threshold: float,
+            group: Grouping | None, matches: set[str], pinned: set[str]) -> list[dict[str, Any]]:
+    if group is not None:
+        nodes, links = group_nodes(nodes, links, group, explanations)
     coords = {n["node_id"]: (n["x"], n["y"]) for n in nodes}
+    return (edge_traces(links, coords, threshold) + node_traces(nodes, explanations)
+            + _marks(nodes, matches, "search matches", "circle-open", MATCH_COLOR, MAX_SIZE + 10)
+            + _marks(nodes, pinned, "pinned", "star-open", PIN_COLOR, MAX_SIZE + 4))
+
+
+def _build(traces: list[dict[str, Any]], layout: dict[str, Any], height: int | None,
+           as_dict: bool) -> go.Figure | dict[str, Any]:
+    """A go.Figure, or with `as_dict` the same figure as a plain dict: the pages send that,
+    because validating an 800-node figure into plotly objects costs seconds.
+
+    height: fixed, or None: the figure then fills its container (sized by the page)."""
+    layout = {**layout, **({"height": height} if height is not None else {"autosize": True})}
+    if as_dict:
+        return {"data": traces, "layout": layout}
+    return go.Figure(data=traces, layout=layout)
+
+
+def _common_layout(title: str) -> dict[str, Any]:
+    return {"title": {"text": title} if title else None, "plot_bgcolor": "white", "hovermode": "closest",
+            "clickmode": "event", "dragmode": "pan",
+            "legend": {"orientation": "h", "y": 1.0, "yanchor": "bottom", "x": 0, "xanchor": "left"}}
+
+
+def graph_figure(graph: dict[str, Any], *, explanations: dict[str, str] | None = None,
+                 threshold: float = 0.0, show_errors: bool = False, title: str = "",
+                 group: Grouping | None = None, query: str | None = None, pinned: set[str] | None = None,
+                 height: int | None = None, as_dict: bool = False) -> go.Figure | dict[str, Any]:
+    """The attribution graph of one prompt (see the module docstring for group, query, pinned)."""
+    explanations = explanations or {}
+    placed = layout_prompt_nodes(graph, show_errors)
+    traces = _traces(placed, graph["links"], explanations, threshold, group,
+                     search_nodes(placed, explanations, query), set(pinned or ()))
     tokens = graph.get("tokens", [])
-    fig = go.Figure(edge_traces(graph["links"], coords, threshold) + node_traces(nodes, explanations or {}))
-    fig.update_layout(
-        title=title or None, height=max(420, 90 * (n_layers_of(graph) + 2)), margin={"l": 60, "r": 20, "t": 40, "b": 100},
-        plot_bgcolor="white", hovermode="closest", clickmode="event", dragmode="pan", legend={"orientation": "h"},
-        xaxis={"tickvals": list(range(len(tokens))), "ticktext": [_escape(t, 20) for t in tokens],
-               "tickangle": -45, "range": [-1.7 if show_errors else -0.7, max(len(tokens), 1) - 0.3],
-               "zeroline": False, "showgrid": False},
-        yaxis=_layer_axis(n_layers_of(graph), with_tokens=True))
-    return fig
+    layout = {**_common_layout(title), "margin": {"l": 50, "r": 10, "t": 30 if title else 10, "b": 80},
+              "xaxis": {"tickvals": list(range(len(tokens))), "ticktext": [_escape(t, 20) for t in tokens],
+                        "tickangle": -45, "range": [-1.7 if show_errors else -0.7, max(len(tokens), 1) - 0.3],
+                        "zeroline": False, "showgrid": False, "automargin": True},
+              "yaxis": _layer_axis(n_layers_of(graph), with_tokens=True)}
+    return _build(traces, layout, height, as_dict)
 
 
 def aggregate_figure(aggregate: dict[str, Any], *, explanations: dict[str, str] | None = None,
-                     threshold: float = 0.0, title: str = "") -> go.Figure:
+                     threshold: float = 0.0, title: str = "", group: Grouping | None = None,
+                     query: str | None = None, pinned: set[str] | None = None,
+                     height: int | None = 420, as_dict: bool = False) -> go.Figure | dict[str, Any]:
     """Features across all prompts (node size: how many prompts kept the feature)."""
-    nodes = layout_aggregate_nodes(aggregate)
-    coords = {n["node_id"]: (n["x"], n["y"]) for n in nodes}
-    n_layers = max((n["layer"] - 1 for n in nodes if n["kind"] in TARGET_KINDS), default=0)
-    fig = go.Figure(edge_traces(aggregate["links"], coords, threshold) + node_traces(nodes, explanations or {}))
-    fig.update_layout(
-        title=title or None, height=max(420, 90 * (n_layers + 2)), margin={"l": 60, "r": 20, "t": 40, "b": 40},
-        plot_bgcolor="white", hovermode="closest", clickmode="event", dragmode="pan", legend={"orientation": "h"},
-        xaxis={"showticklabels": False, "zeroline": False, "showgrid": False},
-        yaxis=_layer_axis(n_layers, with_tokens=False))
-    return fig
+    explanations = explanations or {}
+    placed = layout_aggregate_nodes(aggregate)
+    n_layers = max((n["layer"] - 1 for n in placed if n["kind"] in TARGET_KINDS), default=0)
+    traces = _traces(placed, aggregate["links"], explanations, threshold, group,
+                     search_nodes(placed, explanations, query), set(pinned or ()))
+    layout = {**_common_layout(title), "margin": {"l": 50, "r": 10, "t": 30 if title else 10, "b": 20},
+              "xaxis": {"showticklabels": False, "zeroline": False, "showgrid": False},
+              "yaxis": _layer_axis(n_layers, with_tokens=False)}
+    return _build(traces, layout, height, as_dict)
+
+
+def clicked_node(click_data: dict[str, Any] | None) -> list[Any] | None:
+    """customdata [node_id, kind, layer, feature-or-cluster] of a clicked node marker, else None."""
+    if not click_data or not click_data.get("points"):
+        return None
+    custom = click_data["points"][0].get("customdata")
+    return list(custom) if custom and len(custom) >= 4 else None
 
 
 def clicked_feature(click_data: dict[str, Any] | None) -> tuple[int, int] | None:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -14,6 +17,7 @@ from backend.store import queries
 from backend.store.tables import MAX_DB_INT, Circuit, Sweep
 
 router = APIRouter(prefix="/api", tags=["results"])
+MAX_SUBGRAPH_NODES = 2000   # pinned nodes per subgraph export (a prompt graph holds at most a few thousand)
 
 
 def _circuit_fields(row: Circuit) -> dict:
@@ -103,3 +107,24 @@ def export_graph(circuit_id: RecordId, key: str = Path(max_length=40, descriptio
     """
     from backend.store.graph_files import export_graph as neuronpedia_json
     return neuronpedia_json(session, circuit_id, key, prompt)
+
+
+class SubgraphRequest(BaseModel):
+    """Node ids to keep (the dashboard's pinned nodes) of one prompt's graph."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    node_ids: list[Annotated[str, StringConstraints(max_length=64)]] = Field(
+        min_length=1, max_length=MAX_SUBGRAPH_NODES, description="node ids of the graph (its target is always kept)")
+    prompt: int | None = Field(None, ge=0, le=MAX_DB_INT, description="which prompt of the graph (default: its first)")
+
+
+@router.post("/circuits/{circuit_id}/graphs/{key}/subgraph")
+def export_subgraph(body: SubgraphRequest, circuit_id: RecordId,
+                    key: str = Path(max_length=40, description="'all' or a prompt index, with '@logit'"),
+                    session: Session = Depends(get_session)) -> dict:
+    """The subgraph of one prompt's graph induced by `node_ids` (plus the target) as Neuronpedia
+    graph JSON, the ids in qParams.pinnedIds: what `POST /api/graphs/import` reads back.
+    422 when a node id is not in the graph."""
+    from backend.store.graph_files import export_graph as neuronpedia_json
+    return neuronpedia_json(session, circuit_id, key, body.prompt, nodes=body.node_ids)
