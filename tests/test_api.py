@@ -675,9 +675,25 @@ def test_a_cached_circuit_follows_commits_here_at_once_and_other_processes_withi
                 revision=Circuit.revision + 1))
     finally:
         engine.dispose()
-    assert set(client.get(f"/api/circuits/{a}").json()["graphs"]) == {"0"}  # within max_age: the cached body
+    # Within max_age the cached body may still be served (or the refresher has dropped it already);
+    # once max_age has passed, the revision is re-read.
     clock[0] += client.app.state.circuit_cache.max_age + 0.5
-    assert set(client.get(f"/api/circuits/{a}").json()["graphs"]) == {"0", "1"}  # re-validated by revision
+    assert set(client.get(f"/api/circuits/{a}").json()["graphs"]) == {"0", "1"}
+
+
+def test_the_refresher_confirms_unchanged_entries_and_drops_changed_or_deleted_ones(client):
+    from backend.api.cache import read_revisions
+    a, b, _ = seed_results(client)
+    cache, engine = client.app.state.circuit_cache, client.app.state.engine
+    for cid in (a, b):
+        client.get(f"/api/circuits/{cid}")
+    cache.put(10**6, 1, b"{}")  # an entry whose row is gone
+    with engine.begin() as conn:  # b changes behind the cache's back
+        conn.execute(update(Circuit).where(Circuit.id == b).values(revision=Circuit.revision + 1))
+    keys = cache.ask()
+    cache.confirm(read_revisions(engine, Circuit, keys), checked_at=0.0)
+    assert cache.get(a, read_revisions(engine, Circuit, [a])[a]) is not None
+    assert set(cache._data) == {a}
 
 
 def test_a_rolled_back_write_leaves_the_cached_circuit_valid(client):

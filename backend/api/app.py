@@ -10,6 +10,7 @@ error is an `ErrorOut` without server paths. OpenAPI docs are at /docs.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import ipaddress
 import logging
@@ -22,7 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from backend.api import openapi
-from backend.api.cache import ResponseCache
+from backend.api.cache import ResponseCache, keep_confirmed
 from backend.api.deps import require_write_token
 from backend.api.guard import RequestGuard
 from backend.api.jobs import PIE_KINDS, JobExecutor, JobKind
@@ -129,10 +130,12 @@ def create_app(settings: Settings | None = None, *, max_body_bytes: int = MAX_BO
             # Everything allocated at start-up (torch, transformers, the app) lives for the whole
             # process; keeping it out of the cyclic GC turns 100+ ms full collections into short ones.
             gc.freeze()
+            refresher = asyncio.create_task(keep_confirmed(app.state.circuit_cache, engine))
             log.info("PIEscope API ready (store: %s)", engine.url.render_as_string(hide_password=True))
             try:
                 yield
             finally:
+                refresher.cancel()
                 executor.stop()
                 engine.dispose()
         finally:

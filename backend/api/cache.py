@@ -1,7 +1,8 @@
 """A small thread-safe LRU of serialised responses, keyed by (id, revision).
 
 A hit is served without touching the store while its revision was confirmed within `max_age`
-seconds; after that one primary-key read of the revision re-validates it. ORM writes committed
+seconds; `keep_confirmed` re-reads the revisions of all entries in one query twice per max_age,
+and a request finding an older entry re-validates it with one primary-key read. ORM writes committed
 in this process (the API, its jobs, an in-process CLI command) invalidate at once: one listener
 on every Session drops the changed rows from every live cache. Writers in other processes (a
 second worker, a CLI in another shell, Ray workers on a shared PostgreSQL store) are seen within
@@ -10,15 +11,19 @@ second worker, a CLI in another shell, Ray workers on a shared PostgreSQL store)
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import threading
 import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterable
 
-from sqlalchemy import event
+from sqlalchemy import Engine, event, select
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
+log = logging.getLogger(__name__)
 STALE_KEY = "piescope_stale_cache_keys"
 _LIVE: weakref.WeakSet[ResponseCache] = weakref.WeakSet()
 
@@ -38,6 +43,7 @@ class ResponseCache:
         # key -> (revision, body, monotonic time the revision was last confirmed)
         self._data: OrderedDict[int, tuple[int, bytes, float]] = OrderedDict()
         self._lock = threading.Lock()
+        self._asked: set[int] = set()
         _LIVE.add(self)
 
     def fresh(self, key: int) -> bytes | None:
@@ -66,10 +72,51 @@ class ResponseCache:
             while len(self._data) > self.max_entries:
                 self._data.popitem(last=False)
 
+    def ask(self) -> list[int]:
+        """The keys a refresher should read revisions for (remembered, so deleted rows drop out)."""
+        with self._lock:
+            self._asked = set(self._data)
+            return list(self._asked)
+
+    def confirm(self, revisions: dict[int, int], checked_at: float) -> None:
+        """The revisions read at `checked_at` for the asked keys: entries still of that revision count
+        as confirmed then; changed or missing ones (the row was updated or deleted) are dropped."""
+        with self._lock:
+            for key in self._asked & self._data.keys():
+                revision, body, checked = self._data[key]
+                if revisions.get(key) == revision:
+                    self._data[key] = (revision, body, max(checked, checked_at))
+                else:
+                    del self._data[key]
+            self._asked = set()
+
     def invalidate(self, keys: Iterable[int]) -> None:
         with self._lock:
             for key in keys:
                 self._data.pop(key, None)
+
+
+def read_revisions(engine: Engine, mapped: type, keys: list[int]) -> dict[int, int]:
+    """{id: revision} of the rows of `mapped` among `keys` (one indexed query)."""
+    with engine.connect() as conn:
+        return dict(conn.execute(select(mapped.id, mapped.revision).where(mapped.id.in_(keys))).all())
+
+
+async def keep_confirmed(cache: ResponseCache, engine: Engine) -> None:
+    """Re-read every cached entry's revision twice per max_age, in one query off the event loop,
+    so that requests for cached records never wait on the store (runs until cancelled)."""
+    while True:
+        await asyncio.sleep(cache.max_age / 2)
+        keys = cache.ask()
+        if not keys:
+            continue
+        checked_at = time.monotonic()
+        try:
+            revisions = await run_in_threadpool(read_revisions, engine, cache.mapped, keys)
+        except Exception as err:  # the store is away: entries age out and requests re-validate themselves
+            log.warning("could not re-read cached revisions: %s", err)
+            continue
+        cache.confirm(revisions, checked_at)
 
 
 @event.listens_for(Session, "after_flush")
