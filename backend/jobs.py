@@ -22,7 +22,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from backend.circuits.limits import DEFAULT_TOST_MARGIN, MAX_K
-from backend.errors import InvalidParameterError, NotFoundError, UserError
+from backend.errors import InvalidParameterError
 from backend.settings import Settings
 from backend.store.tables import MAX_DB_INT
 
@@ -49,13 +49,12 @@ def _no_path_options(options: dict[str, Any]) -> dict[str, Any]:
     return options
 
 
-class DatasetParams(BaseModel):
+class PromptParams(BaseModel):
     """Which prompts: model (its tokenizer decides which pairs fit), task, options, n, seed."""
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     model: str = Field(pattern=NAME_PATTERN, description="model name (GET /api/models); never a path")
-    transcoder: str = Field(pattern=TRANSCODER_PATTERN, description="<model>/<dir> (GET /api/transcoders)")
     task: str = Field(pattern=NAME_PATTERN, description="task name (GET /api/tasks)")
     task_options: dict[str, OptionValue] = Field(default_factory=dict)
     n: int = Field(32, ge=1, le=MAX_N, description="number of prompt pairs")
@@ -70,6 +69,14 @@ class DatasetParams(BaseModel):
         """What identifies the prompts (for the datasets table)."""
         return {"model": self.model, "task": self.task, "task_options": self.task_options,
                 "n": self.n, "seed": self.seed}
+
+
+class DatasetParams(PromptParams):
+    """The prompts of a feature job, and the model's transcoder."""
+
+    model_config = ConfigDict(allow_inf_nan=False)
+
+    transcoder: str = Field(pattern=TRANSCODER_PATTERN, description="<model>/<dir> (GET /api/transcoders)")
 
 
 class PruneParams(DatasetParams):
@@ -201,10 +208,6 @@ class ScoreParams(InterpTarget):
         if len(factors) < 2:
             raise ValueError("steering factors need at least one value besides the 0 baseline")
         return factors
-
-
-PARAMS: dict[str, type[BaseModel]] = {"prune": PruneParams, "sweep": SweepParams, "graph": GraphParams,
-                                      "explain": ExplainParams, "score": ScoreParams, "hagd": HagdParams}
 
 
 def params_hash(kind: str, params: BaseModel) -> str:
@@ -541,26 +544,10 @@ def run_score(context: JobContext, params: ScoreParams, store, progress: Progres
 
 # ------------------------------------------------------------------------------ edge circuits (issue 12)
 
-class EdgeDatasetParams(BaseModel):
-    """Which prompts for an edge job: model, task, options, n, seed (no transcoder)."""
+class EdgeDatasetParams(PromptParams):
+    """Which prompts for an edge job (no transcoder), and the batch size of its forwards."""
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
-
-    model: str = Field(pattern=NAME_PATTERN, description="model name (GET /api/models); never a path")
-    task: str = Field(pattern=NAME_PATTERN, description="task name (GET /api/tasks)")
-    task_options: dict[str, OptionValue] = Field(default_factory=dict)
-    n: int = Field(32, ge=1, le=MAX_N, description="number of prompt pairs")
-    seed: int = Field(0, ge=0, le=2**31 - 1)
     batch_size: int = Field(16, ge=1, le=MAX_BATCH_SIZE)
-
-    @field_validator("task_options")
-    @classmethod
-    def _check_task_options(cls, options: dict[str, Any]) -> dict[str, Any]:
-        return _no_path_options(options)
-
-    def dataset_key(self) -> dict[str, Any]:
-        return {"model": self.model, "task": self.task, "task_options": self.task_options,
-                "n": self.n, "seed": self.seed}
 
 
 class EdgeParams(EdgeDatasetParams):

@@ -1,10 +1,24 @@
-"""Shared bits of the benchmarks: a peak-RSS sampler and table printing."""
+"""Shared bits of the benchmarks: the demo setup, a peak-RSS sampler and table printing."""
 
 from __future__ import annotations
 
 import os
 import threading
 import time
+
+
+def demo_ioi(n: int, settings=None):
+    """(adapter, transcoder name, transcoder, IOI batch of n pairs, seed 0) on the demo model and CLT."""
+    from backend.models.loading import load_model
+    from backend.models.registry import DEMO_MODEL
+    from backend.models.transcoder_files import load_transcoder
+    from backend.models.transcoder_registry import resolve_transcoder
+    from backend.settings import Settings
+    from backend.tasks import get_task
+    settings = settings or Settings()
+    adapter = load_model(DEMO_MODEL, settings)
+    tc_name, tc_path = resolve_transcoder(f"{DEMO_MODEL}/clt", settings)
+    return adapter, tc_name, load_transcoder(tc_path), get_task("ioi").build(adapter.tokenizer, n, seed=0)
 
 
 def rss_bytes() -> int:

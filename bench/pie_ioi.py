@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench._util import PeakMemory, rss_bytes, table  # noqa: E402
+from bench._util import demo_ioi, PeakMemory, rss_bytes, table  # noqa: E402
 
 from backend.circuits import stats  # noqa: E402
 from backend.circuits.attribution import Attributor  # noqa: E402
@@ -28,12 +28,8 @@ from backend.circuits.limits import DEFAULT_TOST_MARGIN  # noqa: E402
 from backend.circuits.pipeline import SweepConfig, run_sweep  # noqa: E402
 from backend.circuits.plots import plot_kl_vs_k  # noqa: E402
 from backend.cli.pie import budget_row  # noqa: E402
-from backend.models.loading import load_model  # noqa: E402
 from backend.models.registry import DEMO_MODEL  # noqa: E402
-from backend.models.transcoder_files import load_transcoder  # noqa: E402
-from backend.models.transcoder_registry import resolve_transcoder  # noqa: E402
 from backend.settings import Settings  # noqa: E402
-from backend.tasks import get_task  # noqa: E402
 
 PAPER = "PIE paper, IOI, last-token KL at K=50/100/200: Llama-3.2-1B FAP 1.33/1.13/0.85, FAP-Synergy 1.22/1.12/0.85"
 
@@ -74,10 +70,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     ks = [int(k) for k in args.ks.split(",")]
 
-    adapter = load_model(DEMO_MODEL, settings)
-    tc_name, tc_path = resolve_transcoder(f"{DEMO_MODEL}/clt", settings)
-    tc = load_transcoder(tc_path)
-    batch = get_task("ioi").build(adapter.tokenizer, args.n, seed=0)
+    adapter, tc_name, tc, batch = demo_ioi(args.n, settings)
     print(f"# PIE on {DEMO_MODEL} + {tc_name}, IOI (ABC), N={len(batch)}, K={ks}\n")
 
     cost = forward_equivalents(adapter, tc, batch, args.batch_size)

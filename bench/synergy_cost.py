@@ -20,17 +20,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench._util import table  # noqa: E402
+from bench._util import demo_ioi, table  # noqa: E402
 
 from backend.circuits.attribution import Attributor  # noqa: E402
 from backend.circuits.evaluation import Evaluator  # noqa: E402
 from backend.circuits.selection import METHODS, SelectionContext  # noqa: E402
-from backend.models.loading import load_model  # noqa: E402
 from backend.models.registry import DEMO_MODEL  # noqa: E402
-from backend.models.transcoder_files import load_transcoder  # noqa: E402
-from backend.models.transcoder_registry import resolve_transcoder  # noqa: E402
 from backend.settings import Settings  # noqa: E402
-from backend.tasks import get_task  # noqa: E402
 
 
 def run(adapter, tc, batch, ks: list[int], batch_size: int, prefix_cache: bool, max_rows: int = 64) -> dict:
@@ -73,10 +69,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     ks = [int(k) for k in args.ks.split(",")]
-    adapter = load_model(DEMO_MODEL, settings)
-    tc_name, tc_path = resolve_transcoder(f"{DEMO_MODEL}/clt", settings)
-    tc = load_transcoder(tc_path)
-    batch = get_task("ioi").build(adapter.tokenizer, args.n, seed=0)
+    adapter, tc_name, tc, batch = demo_ioi(args.n, settings)
     print(f"# FAP-Synergy cost on {DEMO_MODEL} + {tc_name}, IOI (ABC), N={len(batch)}, K={ks}, "
           f"batch size {args.batch_size}\n")
     with torch.no_grad():  # warm-up, so that neither run pays for first-call allocations
