@@ -7,12 +7,11 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from backend.api.cache import read_revisions
 from backend.api.deps import get_session
 from backend.api.schemas import CircuitDetail, CircuitSummary, Offset, Page, RecordId, SweepDetail, SweepSummary
-from backend.errors import NotFoundError
 from backend.store import queries
 from backend.store.tables import MAX_DB_INT, Circuit, Sweep
 
@@ -62,8 +61,7 @@ async def get_circuit(circuit_id: RecordId, request: Request) -> Response:
     body = cache.fresh(circuit_id)
     if body is not None:
         return Response(body, media_type="application/json")
-    with request.app.state.engine.connect() as conn:  # a Core read: no ORM session on the hot path
-        revision = conn.execute(select(Circuit.revision).where(Circuit.id == circuit_id)).scalar()
+    revision = read_revisions(request.app.state.engine, Circuit, [circuit_id]).get(circuit_id)  # Core, no ORM session
     body = cache.get(circuit_id, revision) if revision is not None else None
     if body is None:
         body = await run_in_threadpool(_circuit_body, sessions, circuit_id, cache)
