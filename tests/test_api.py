@@ -704,3 +704,83 @@ def test_a_rolled_back_write_leaves_the_cached_circuit_valid(client):
         s.flush()
         raise RuntimeError("the job crashed")
     assert client.get(f"/api/circuits/{a}").json() == body
+
+
+def test_concurrent_misses_of_one_circuit_share_one_build_and_at_most_max_builds_run_at_once():
+    import asyncio
+    import threading
+
+    from backend.api.cache import ResponseCache
+    cache = ResponseCache(Circuit, max_builds=2)
+    calls: list[int] = []
+    running, peak, gate = [0], [0], threading.Event()
+    lock = threading.Lock()
+
+    def make(key: int) -> tuple[int, bytes]:
+        with lock:
+            calls.append(key)
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        gate.wait(5)
+        with lock:
+            running[0] -= 1
+        return 7, f"body {key}".encode()
+
+    async def main() -> list[bytes]:
+        requests = [cache.build(key, make, key) for key in (1, 1, 1, 2, 3, 4)]
+        tasks = [asyncio.ensure_future(r) for r in requests]
+        await asyncio.sleep(0.2)
+        gate.set()
+        return await asyncio.gather(*tasks)
+
+    bodies = asyncio.run(main())
+    assert bodies == [b"body 1"] * 3 + [b"body 2", b"body 3", b"body 4"]
+    assert sorted(calls) == [1, 2, 3, 4]  # the three requests for circuit 1 shared one build
+    assert peak[0] == 2
+    assert cache.get(1, 7) == b"body 1" and cache.holds(4)
+
+
+def test_a_failed_build_reaches_every_waiter_and_the_next_request_builds_again():
+    import asyncio
+
+    from backend.api.cache import ResponseCache
+    from backend.errors import NotFoundError
+    cache = ResponseCache(Circuit)
+    attempts = [0]
+
+    def make(key: int) -> tuple[int, bytes]:
+        attempts[0] += 1
+        if attempts[0] == 1:
+            raise NotFoundError(f"no circuit with id {key}")
+        return 1, b"{}"
+
+    async def main():
+        first = await asyncio.gather(cache.build(5, make, 5), cache.build(5, make, 5), return_exceptions=True)
+        return first, await cache.build(5, make, 5)
+
+    first, second = asyncio.run(main())
+    assert all(isinstance(e, NotFoundError) for e in first) and second == b"{}" and attempts[0] == 2
+
+
+def test_a_circuit_read_cold_goes_straight_to_its_build_and_a_stale_one_revalidates_with_one_read(client,
+                                                                                               monkeypatch):
+    from backend.api import cache as cache_module
+    from backend.api.routers import results
+    a, _, _ = seed_results(client)
+    reads = []
+    monkeypatch.setattr(results, "read_revisions", lambda *args: reads.append(args) or
+                        cache_module.read_revisions(*args))
+    clock = [1000.0]
+    monkeypatch.setattr("backend.api.cache.time.monotonic", lambda: clock[0])
+    body = client.get(f"/api/circuits/{a}").json()
+    assert reads == []  # nothing cached: no revision read before the build (which reads the row)
+    clock[0] += client.app.state.circuit_cache.max_age + 0.5
+    assert client.get(f"/api/circuits/{a}").json() == body and len(reads) == 1
+
+
+def test_stored_json_decodes_with_orjson_and_falls_back_for_nan_tokens():
+    import math
+
+    from backend.store.db import load_json
+    assert load_json('{"a": [1, 2.5, null, "x"]}') == {"a": [1, 2.5, None, "x"]}
+    assert math.isnan(load_json('[NaN]')[0]) and load_json(b'{"k": Infinity}')["k"] == math.inf

@@ -17,8 +17,9 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
+import anyio
 from sqlalchemy import Engine, event, select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
@@ -35,11 +36,16 @@ class ResponseCache:
     milliseconds, and even reading its revision costs more than serving the cached bytes.
     """
 
-    def __init__(self, mapped: type, max_entries: int = 256, max_age: float = 1.0) -> None:
-        """mapped: the ORM class whose rows' ids are the keys (commits changing them invalidate)."""
+    def __init__(self, mapped: type, max_entries: int = 256, max_age: float = 1.0, max_builds: int = 2) -> None:
+        """mapped: the ORM class whose rows' ids are the keys (commits changing them invalidate).
+        max_builds: bodies built at once in the threadpool (see `build`)."""
         self.mapped = mapped
         self.max_entries = max_entries
         self.max_age = max_age
+        self.max_builds = max_builds
+        # per event loop: the build limiter and the builds in flight by key
+        self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[anyio.CapacityLimiter,
+                                               dict[int, asyncio.Future[bytes]]]] = weakref.WeakKeyDictionary()
         # key -> (revision, body, monotonic time the revision was last confirmed)
         self._data: OrderedDict[int, tuple[int, bytes, float]] = OrderedDict()
         self._lock = threading.Lock()
@@ -64,6 +70,36 @@ class ResponseCache:
             self._data[key] = (revision, hit[1], time.monotonic())
             self._data.move_to_end(key)
             return hit[1]
+
+    def holds(self, key: int) -> bool:
+        """Whether an entry (fresh or not) is cached for key."""
+        with self._lock:
+            return key in self._data
+
+    async def build(self, key: int, make: Callable[..., tuple[int, bytes]], *args: object) -> bytes:
+        """The body of `key`, made by `make(*args) -> (revision, body)` in a worker thread and cached.
+
+        Concurrent requests for one key share one build, and at most max_builds run at once:
+        a build is GIL-bound (decode, validate, serialise), and forty of them at once after a
+        start-up take turns with the event loop and stall the cached hits behind them. The build
+        is its own task, so a client that goes away does not cancel it for the others.
+        """
+        loop = asyncio.get_running_loop()
+        state = self._loops.get(loop)
+        if state is None:
+            state = self._loops[loop] = (anyio.CapacityLimiter(self.max_builds), {})
+        limiter, building = state
+        task = building.get(key)
+        if task is None:
+            task = building[key] = asyncio.ensure_future(self._make(key, make, args, limiter))
+            task.add_done_callback(lambda _: building.pop(key, None))
+        return await asyncio.shield(task)
+
+    async def _make(self, key: int, make: Callable[..., tuple[int, bytes]], args: tuple,
+                    limiter: anyio.CapacityLimiter) -> bytes:
+        revision, body = await anyio.to_thread.run_sync(make, *args, limiter=limiter)
+        self.put(key, revision, body)
+        return body
 
     def put(self, key: int, revision: int, body: bytes) -> None:
         with self._lock:

@@ -11,7 +11,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Select, func, select, update
-from sqlalchemy.orm import Session, defer, selectinload
+from sqlalchemy.orm import Session, defer, joinedload, selectinload
 
 from backend.circuits.results import Circuit as CircuitResult
 from backend.circuits.results import SweepResult, SweepRow
@@ -25,9 +25,10 @@ INTERRUPTED = "interrupted: the worker stopped before the job finished"
 ACTIVE = ("queued", "running")
 
 
-def _get(session: Session, table: type, row_id: int, what: str, *, for_update: bool = False):
+def _get(session: Session, table: type, row_id: int, what: str, *, for_update: bool = False, options=()):
     """The row or NotFoundError; for_update locks it (PostgreSQL) for a read-modify-write."""
-    row = session.get(table, row_id, with_for_update=for_update or None, populate_existing=for_update)
+    row = session.get(table, row_id, with_for_update=for_update or None, populate_existing=for_update,
+                      options=options)
     if row is None:
         raise NotFoundError(f"no {what} with id {row_id}")
     return row
@@ -262,7 +263,9 @@ def circuit_result(row: Circuit) -> CircuitResult:
 
 
 def get_circuit(session: Session, circuit_id: int) -> Circuit:
-    return _get(session, Circuit, circuit_id, "circuit")
+    """The circuit with its model and transcoder (one joined query: every reader names them)."""
+    return _get(session, Circuit, circuit_id, "circuit",
+                options=(joinedload(Circuit.model), joinedload(Circuit.transcoder)))
 
 
 def list_circuits(session: Session, *, model: str | None = None, transcoder: str | None = None,

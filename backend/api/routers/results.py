@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
-from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from sqlalchemy.orm import Session
 
@@ -54,28 +53,27 @@ async def get_circuit(circuit_id: RecordId, request: Request) -> Response:
 
     Served from an in-process cache of the serialised body (`backend.api.cache`): a hit whose
     revision was confirmed in the last second touches no store; an older hit costs one indexed
-    primary-key read on the event loop; a miss (tens of kilobytes of JSON to validate and
-    serialise) runs in the threadpool.
+    primary-key read on the event loop; a miss (tens of kilobytes of JSON to decode, validate
+    and serialise) is built in the threadpool, once for all its concurrent requests.
     """
-    cache, sessions = request.app.state.circuit_cache, request.app.state.sessions
+    cache = request.app.state.circuit_cache
     body = cache.fresh(circuit_id)
-    if body is not None:
-        return Response(body, media_type="application/json")
-    revision = read_revisions(request.app.state.engine, Circuit, [circuit_id]).get(circuit_id)  # Core, no ORM session
-    body = cache.get(circuit_id, revision) if revision is not None else None
+    if body is None and cache.holds(circuit_id):
+        revision = read_revisions(request.app.state.engine, Circuit, [circuit_id]).get(circuit_id)  # Core, no ORM
+        body = cache.get(circuit_id, revision) if revision is not None else None
     if body is None:
-        body = await run_in_threadpool(_circuit_body, sessions, circuit_id, cache)
+        body = await cache.build(circuit_id, _circuit_body, request.app.state.sessions, circuit_id)
     return Response(body, media_type="application/json")
 
 
-def _circuit_body(sessions, circuit_id: int, cache) -> bytes:
+def _circuit_body(sessions, circuit_id: int) -> tuple[int, bytes]:
+    """(revision, CircuitDetail JSON) of a stored circuit."""
     with sessions() as session:
         row = queries.get_circuit(session, circuit_id)
         body = CircuitDetail(**_circuit_fields(row), dataset_id=row.dataset_id, options=row.options,
                              prompts=row.prompts, features=row.features, cost=row.cost,
                              graphs=row.graphs or {}).model_dump_json().encode()
-        cache.put(circuit_id, row.revision, body)
-    return body
+        return row.revision, body
 
 
 @router.get("/sweeps", response_model=Page[SweepSummary])
