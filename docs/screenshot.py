@@ -1,10 +1,13 @@
 """Screenshots of a running PIEscope dashboard for the README (after `make demo`).
 
     .venv/bin/python docs/screenshot.py [--dash http://127.0.0.1:8050] [--circuit ID] [--sweep ID]
-                                        [--hierarchy ID] [--compare fc1,fc2,ec1,h1]
+                                        [--hierarchy ID] [--compare fc1,fc2,ec1,h1] [--edge-circuit ID]
+                                        [--feature ID]
 
 Writes docs/circuit.png, docs/kl_vs_k.png and, when the demo stored them, docs/supernodes.png
-(the circuit grouped by a HAGD hierarchy) and docs/compare.png (results of several methods),
+(the circuit grouped by a HAGD hierarchy), docs/compare.png (results of several methods) and
+docs/edge_circuit.png (an edge circuit: heads and MLPs by layer, its kept edges) and
+docs/feature.png (a feature page: examples, explanation, FADE scores by rater),
 with headless Chromium (Debian's chromium and chromium-driver; `apt-get install -y chromium
 chromium-driver`).
 """
@@ -57,6 +60,8 @@ def main() -> None:
     parser.add_argument("--settle", type=float, default=3.0)
     parser.add_argument("--hierarchy", type=int, default=None, help="HAGD hierarchy to group the circuit by")
     parser.add_argument("--compare", default=None, help="results to compare, e.g. fc1,fc2,ec1,ec2,h1")
+    parser.add_argument("--edge-circuit", type=int, default=None, help="edge circuit to show")
+    parser.add_argument("--feature", type=int, default=None, help="stored feature (id) whose page to show")
     args = parser.parse_args()
     out = ROOT / "docs"
     if args.hierarchy is not None:
@@ -64,6 +69,11 @@ def main() -> None:
               "#circuit-tree .main-svg", args.settle)
     if args.compare:
         shoot(f"{args.dash}/compare?ids={args.compare}", out / "compare.png", "#compare-graphs .js-plotly-plot",
+              args.settle)
+    if args.feature is not None:
+        shoot(f"{args.dash}/feature?id={args.feature}", out / "feature.png", "#feature-id", args.settle)
+    if args.edge_circuit is not None:
+        shoot(f"{args.dash}/edge-circuit?id={args.edge_circuit}", out / "edge_circuit.png", "#edge-graph .main-svg",
               args.settle)
     shoot(f"{args.dash}/circuit?id={args.circuit}&prompt=0", out / "circuit.png", ".js-plotly-plot .nodes, .js-plotly-plot",
           args.settle)
