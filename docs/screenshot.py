@@ -71,7 +71,7 @@ def main() -> None:
         shoot(f"{args.dash}/compare?ids={args.compare}", out / "compare.png", "#compare-graphs .js-plotly-plot",
               args.settle)
     if args.feature is not None:
-        shoot(f"{args.dash}/feature?id={args.feature}", out / "feature.png", "#feature-id", args.settle)
+        shoot(f"{args.dash}/feature?id={args.feature}", out / "feature.png", "#feature-explanations", args.settle)
     if args.edge_circuit is not None:
         shoot(f"{args.dash}/edge-circuit?id={args.edge_circuit}", out / "edge_circuit.png", "#edge-graph .main-svg",
               args.settle)
