@@ -35,10 +35,13 @@ TOL = 1e-6
 def ray_instance():
     """A local Ray instance for the session: 2 CPUs (two one-thread actors), no dashboard, actors
     at the tests' priority (Ray would nice them 15 further)."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="piescope-tests",
-             _system_config={"worker_niceness": 0})
+    started = not ray.is_initialized()  # once per session, whichever module's tests come first
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="piescope-tests",
+                 _system_config={"worker_niceness": 0})
     yield
-    ray.shutdown()
+    if started:
+        ray.shutdown()
 
 
 @pytest.fixture
