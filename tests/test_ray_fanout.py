@@ -24,9 +24,10 @@ from backend.executors.ray_executor import RayShardPool, SweepInputs, run_edge_s
 from backend.hagd.pipeline import HagdConfig, run_hagd  # noqa: E402
 from backend.tasks import get_task  # noqa: E402
 from tests.api_fixtures import TINY_CLT, TINY_MODEL, tiny_cache, tiny_settings  # noqa: E402,F401
+from tests.test_edges_api import one_thread  # noqa: E402,F401 (autouse: the driver at one thread, as the actors)
 from tests.test_jobs_e2e import run_to_end, untimed  # noqa: E402
 from tests.test_ray_executor import (TOL, _no_sweep_actors, _recording, assert_close, ray_instance,  # noqa: E402,F401
-                                     ray_settings)
+                                     kill_once, ray_settings, run_cli)
 
 pytestmark = pytest.mark.ray
 
@@ -34,15 +35,6 @@ EDGE_SWEEP = {"model": TINY_MODEL, "task": "ioi", "n": 4, "seed": 0, "batch_size
               "methods": ["eap", "hap", "edge-pruning"], "edge_counts": [50, 100],
               "options": {"hap": {"rho": 0.6, "max_steps": 20}, "edge-pruning": {"max_steps": 20}}}
 HAGD = {"pool": 10, "ratio": 3.0, "top": 3, "steps": 10, "lr": 0.3, "verify_seeds": 3, "verify_n": 3}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The driver at one thread, as the actors are (ray_threads = 1)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _edge_params():
@@ -72,16 +64,17 @@ def edge_in_process(tiny_cache, tmp_path_factory):
     return sweep, seen
 
 
-def _pool_edge_sweep(settings, hook=lambda pool, method, f, m: None):
-    """The edge sweep through a RayShardPool -> (EdgeSweep, task results by kind)."""
+def _pool_edge_sweep(settings, hook=lambda pool, f, m: None):
+    """The edge sweep through a RayShardPool -> (EdgeSweep, task results by kind); `hook` sees the
+    pool at every progress report of the points."""
     params = _edge_params()
     config = _edge_config(params)
     seen: dict[str, list] = {}
     with RayShardPool(settings, _edge_inputs(params), config, 6) as pool:
         info = pool.load(lambda f, m: None)
 
-        def watched(method, args, p):  # the test's hook sees the pool at every progress report
-            return pool.map(method, args, lambda f, m: (p(f, m), hook(pool, method, f, m)))
+        def watched(method, args, p):
+            return pool.map(method, args, lambda f, m: (p(f, m), method == "point" and hook(pool, f, m)))
         sweep = merge_edge_sweep(plan_edge_sweep(config, info["graph"]["edges"]), info["graph"], len(info["pairs"]),
                                  _recording(watched, seen), model_name=params.model, task_name=params.task)
     return sweep, seen
@@ -111,13 +104,8 @@ def test_a_ray_edge_sweep_equals_the_in_process_edge_sweep(ray_settings, edge_in
 
 def test_a_killed_actor_during_an_edge_sweep_is_retried_with_an_identical_result(ray_settings, edge_in_process):
     expected, expected_points = edge_in_process
-    killed = []
-
-    def kill_once(pool, method, fraction, message):
-        if method == "point" and not killed:  # the points were just handed out: actor 0 is running one
-            killed.append(pool.actors[0])
-            ray.kill(pool.actors[0], no_restart=False)
-    sweep, seen = _pool_edge_sweep(ray_settings, kill_once)
+    killed: list = []
+    sweep, seen = _pool_edge_sweep(ray_settings, kill_once(killed))  # during the points, not the scores
     assert killed
     assert_close(untimed(sweep.to_json()), untimed(expected.to_json()))
     assert_same_points(seen, expected_points)
@@ -141,16 +129,11 @@ def test_an_edge_sweep_job_through_the_api_on_ray_stores_the_in_process_rows(ray
 
 def test_the_cli_edge_sweep_on_ray_writes_the_in_process_edge_sweep(ray_instance, tiny_cache, tmp_path, monkeypatch,
                                                                     edge_in_process):
-    from backend.cli import main
     expected, _ = edge_in_process
-    monkeypatch.setenv("PIESCOPE_MODELS_CACHE", str(tiny_cache))
-    monkeypatch.setenv("PIESCOPE_DATA_DIR", str(tmp_path / "data"))
-    out = tmp_path / "edge-sweep.json"
-    assert main(["edge-sweep", "--model", TINY_MODEL, "--task", "ioi", "-n", "4", "--batch-size", "2",
-                 "--methods", "eap,hap,edge-pruning", "--edge-counts", "50,100",
-                 "--options", json.dumps(EDGE_SWEEP["options"]), "--executor", "ray", "--ray-workers", "2",
-                 "--out", str(out)]) == 0
-    got, want = untimed(json.loads(out.read_text())), untimed(expected.to_json())
+    got = untimed(run_cli(monkeypatch, tiny_cache, tmp_path, [
+        "edge-sweep", "--model", TINY_MODEL, "--task", "ioi", "-n", "4", "--batch-size", "2",
+        "--methods", "eap,hap,edge-pruning", "--edge-counts", "50,100", "--options", json.dumps(EDGE_SWEEP["options"])]))
+    want = untimed(expected.to_json())
     assert got["model"] == TINY_MODEL  # the name, not the directory the actors loaded
     for key in ("rows", "area", "counts", "graph", "methods", "options"):
         assert_close(got[key], want[key], key)
@@ -187,14 +170,22 @@ def test_hagd_verification_on_ray_equals_the_in_process_verification(ray_setting
 
 
 def test_the_cli_hagd_on_ray_verifies_as_in_process(ray_instance, tiny_cache, tmp_path, monkeypatch, hagd_inputs):
-    from backend.cli import main
     expected = _hagd(hagd_inputs).to_json()
-    monkeypatch.setenv("PIESCOPE_MODELS_CACHE", str(tiny_cache))
-    monkeypatch.setenv("PIESCOPE_DATA_DIR", str(tmp_path / "data"))
-    out = tmp_path / "hagd.json"
-    assert main(["hagd", "--model", TINY_MODEL, "--transcoder", TINY_CLT, "--task", "ioi", "-n", "3",
-                 "--options", json.dumps(HAGD), "--executor", "ray", "--ray-workers", "2", "--out", str(out)]) == 0
-    got = json.loads(out.read_text())
+    got = run_cli(monkeypatch, tiny_cache, tmp_path, ["hagd", "--model", TINY_MODEL, "--transcoder", TINY_CLT,
+                                                      "--task", "ioi", "-n", "3", "--options", json.dumps(HAGD)])
     assert_close(got["verification"], expected["verification"])
     assert got["circuit"] == expected["circuit"]
+    assert _no_sweep_actors()
+
+
+def test_a_hagd_job_through_the_api_on_ray_stores_the_in_process_verification(ray_settings, hagd_inputs):
+    expected = _hagd(hagd_inputs).to_json()
+    body = {"kind": "hagd", "params": {"model": TINY_MODEL, "transcoder": TINY_CLT, "task": "ioi", "n": 3,
+                                       "options": HAGD}}
+    with TestClient(create_app(ray_settings)) as client:
+        job, _ = run_to_end(client, body, timeout=300)
+        assert job["status"] == "done", job["error"]
+        stored = client.get(job["links"]["hierarchy"]).json()["result"]
+    assert_close(stored["verification"], expected["verification"])
+    assert stored["circuit"] == expected["circuit"]
     assert _no_sweep_actors()
