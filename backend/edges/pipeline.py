@@ -31,19 +31,8 @@ from backend.circuits.pipeline import MapShards, local_map
 from backend.circuits.results import Stat
 from backend.edges.attention import MAX_PROMPTS, circuit_heads, head_attention
 from backend.edges.context import Cost, EdgeContext, Progress, Timer
-from backend.edges.evaluation import (
-    EdgeMetrics,
-    curve_area,
-    evaluate,
-    log_spaced_counts,
-)
-from backend.edges.registry import (
-    EdgeRun,
-    ScoreKey,
-    compute_scores,
-    get_edge_method,
-    target_count,
-)
+from backend.edges.evaluation import EdgeMetrics, curve_area, evaluate, log_spaced_counts
+from backend.edges.registry import EdgeRun, ScoreKey, compute_scores, get_edge_method, target_count
 from backend.errors import InvalidParameterError
 from backend.models.adapters import ModelAdapter
 from backend.tasks import PromptBatch
@@ -280,7 +269,8 @@ def run_edge_sweep(adapter: ModelAdapter, batch: PromptBatch, config: EdgeSweepC
 
 def merge_edge_sweep(plan: EdgeSweepPlan, graph: dict[str, int], n_prompts: int, map_tasks: MapShards, *,
                      model_name: str, task_name: str, progress: Progress | None = None) -> EdgeSweep:
-    """The edge sweep of `plan` (on a graph with these `counts`), its tasks run by `map_tasks`.
+    """The edge sweep of `plan` on a graph with these counts (`EdgeGraph.counts`) and n_prompts
+    prompts, its tasks run by `map_tasks`.
 
     First every attribution score some method reads, once (one task per score); then every
     (method, count) point with the scores its method reads. The points are independent (Edge

@@ -40,23 +40,11 @@ from typing import Any, TypeVar
 import ray
 import ray.exceptions
 
-from backend.circuits.pipeline import (
-    MapShards,
-    SweepConfig,
-    SweepShards,
-    merge_sweep,
-    plan_sweep,
-)
+from backend.circuits.pipeline import MapShards, SweepConfig, SweepShards, merge_sweep, plan_sweep
 from backend.circuits.results import SweepResult
 from backend.edges.evaluation import log_spaced_counts
-from backend.edges.pipeline import (
-    EdgeSweep,
-    EdgeSweepConfig,
-    EdgeSweepPoints,
-    edge_sweep_options,
-    merge_edge_sweep,
-    plan_edge_sweep,
-)
+from backend.edges.pipeline import (EdgeSweep, EdgeSweepConfig, EdgeSweepPoints, edge_sweep_options, merge_edge_sweep,
+                                    plan_edge_sweep)
 from backend.errors import UserError
 from backend.hagd.pipeline import HagdConfig, HagdVerifier
 from backend.settings import Settings
@@ -297,6 +285,7 @@ def run_edge_sweep(settings: Settings, inputs: SweepInputs, config: EdgeSweepCon
     say = progress or (lambda f, m: None)
     t0 = time.perf_counter()
     options = edge_sweep_options(config)  # a bad method or option fails before any actor starts
+    # at most this many points (the default counts depend on the graph, which only the actors load)
     n_points = len(options) * len(config.counts or log_spaced_counts(10 ** 9))
 
     def merge(pool: RayShardPool, info: dict[str, Any]) -> EdgeSweep:

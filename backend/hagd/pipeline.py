@@ -29,20 +29,8 @@ from backend.circuits.pipeline import MapShards, local_map
 from backend.errors import InvalidParameterError
 from backend.hagd.feature_graph import FeatureGraph, build_feature_graph, feature_fap
 from backend.hagd.hierarchy import Hierarchy, build_hierarchy
-from backend.hagd.search import (
-    ClusterScore,
-    ablation_score,
-    coarse_to_fine,
-    mask_search,
-    mass_score,
-)
-from backend.hagd.verify import (
-    FeatureAblation,
-    SetEvaluation,
-    evaluate_set,
-    feature_codes,
-    merge_verification,
-)
+from backend.hagd.search import (ClusterScore, ablation_score, coarse_to_fine, mask_search, mass_score)
+from backend.hagd.verify import FeatureAblation, SetEvaluation, evaluate_set, feature_codes, merge_verification
 from backend.models.adapters import ModelAdapter
 from backend.models.transcoder import Transcoder
 from backend.tasks import PromptBatch, Task
