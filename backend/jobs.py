@@ -413,7 +413,8 @@ def scorer_file(settings: Settings):
 
 
 def run_hagd(context: JobContext, params: HagdParams, progress: Progress | None = None) -> JobOutput:
-    """HAGD -> JobOutput(HagdResult JSON, pairs)."""
+    """HAGD -> JobOutput(HagdResult JSON, pairs); its verification prompt sets on Ray actors when
+    PIESCOPE_EXECUTOR=ray (the search runs here)."""
     from backend.hagd.pipeline import HagdConfig
     from backend.hagd.pipeline import run_hagd as hagd
     from backend.tasks import get_task
