@@ -379,10 +379,8 @@ def run_sweep(context: JobContext, params: SweepParams, progress: Progress | Non
     as shards on Ray actors."""
     from backend.circuits import pipeline
     if context.settings.executor == "ray":
-        from backend.executors.ray_executor import SweepInputs, run_sweep as run_on_ray
-        inputs = SweepInputs(params.model, params.transcoder, params.task, dict(params.task_options),
-                             params.n, params.seed)
-        result, info = run_on_ray(context.settings, inputs, sweep_config(params), progress=progress,
+        from backend.executors.ray_executor import run_sweep as run_on_ray
+        result, info = run_on_ray(context.settings, _ray_inputs(params), sweep_config(params), progress=progress,
                                   model_name=params.model, transcoder_name=params.transcoder)
         return JobOutput(result, info["pairs"])
     adapter, transcoder, batch = prepare(context, params, progress)
@@ -415,7 +413,8 @@ def scorer_file(settings: Settings):
 
 
 def run_hagd(context: JobContext, params: HagdParams, progress: Progress | None = None) -> JobOutput:
-    """HAGD -> JobOutput(HagdResult JSON, pairs)."""
+    """HAGD -> JobOutput(HagdResult JSON, pairs); its verification prompt sets on Ray actors when
+    PIESCOPE_EXECUTOR=ray (the search runs here)."""
     from backend.hagd.pipeline import HagdConfig
     from backend.hagd.pipeline import run_hagd as hagd
     from backend.tasks import get_task
@@ -425,9 +424,27 @@ def run_hagd(context: JobContext, params: HagdParams, progress: Progress | None 
     config = HagdConfig.from_options({**options, "seed": params.seed})
     adapter, transcoder, batch = prepare(context, params, progress)
     task = get_task(params.task, **params.task_options)
-    result = hagd(adapter, transcoder, task, params.n, config, model_name=params.model,
-                  transcoder_name=params.transcoder, task_name=params.task, progress=progress)
+    with _verify_map(context.settings, params, config) as verify_map:
+        result = hagd(adapter, transcoder, task, params.n, config, model_name=params.model,
+                      transcoder_name=params.transcoder, task_name=params.task, progress=progress,
+                      verify_map=verify_map)
     return JobOutput(result.to_json(), _pairs_json(batch))
+
+
+def _verify_map(settings: Settings, params: HagdParams, config):
+    """HAGD's verification prompt sets: on Ray actors (PIESCOPE_EXECUTOR=ray), else None (here)."""
+    from contextlib import nullcontext
+    if settings.executor != "ray":
+        return nullcontext(None)
+    from backend.executors.ray_executor import task_map
+    return task_map(settings, _ray_inputs(params), config)
+
+
+def _ray_inputs(params: PromptParams):
+    """What a Ray worker loads for `params` (an edge job's have no transcoder)."""
+    from backend.executors.ray_executor import SweepInputs
+    return SweepInputs(params.model, getattr(params, "transcoder", None), params.task, dict(params.task_options),
+                       params.n, params.seed)
 
 
 # ------------------------------------------------------------------------------ interpretation
@@ -621,9 +638,16 @@ def run_edges(context: JobContext, params: EdgeParams, progress: Progress | None
 
 
 def run_edge_sweep(context: JobContext, params: EdgeSweepParams, progress: Progress | None = None) -> JobOutput:
+    """Edge methods x counts -> JobOutput(EdgeSweep, pairs), in this process or (PIESCOPE_EXECUTOR=ray)
+    as points on Ray actors."""
     from backend.edges.pipeline import EdgeSweepConfig, run_edge_sweep as run
-    adapter, batch = _edge_batch(context, params, progress)
     config = EdgeSweepConfig(list(params.methods), params.edge_counts, {k: dict(v) for k, v in params.options.items()},
                              params.seed, params.batch_size)
+    if context.settings.executor == "ray":
+        from backend.executors.ray_executor import run_edge_sweep as run_on_ray
+        result, info = run_on_ray(context.settings, _ray_inputs(params), config, progress=progress,
+                                  model_name=params.model)
+        return JobOutput(result, info["pairs"])
+    adapter, batch = _edge_batch(context, params, progress)
     result = run(adapter, batch, config, model_name=params.model, task_name=params.task, progress=progress)
     return JobOutput(result, _pairs_json(batch))

@@ -35,10 +35,13 @@ TOL = 1e-6
 def ray_instance():
     """A local Ray instance for the session: 2 CPUs (two one-thread actors), no dashboard, actors
     at the tests' priority (Ray would nice them 15 further)."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="piescope-tests",
-             _system_config={"worker_niceness": 0})
+    started = not ray.is_initialized()  # once per session, whichever module's tests come first
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="piescope-tests",
+                 _system_config={"worker_niceness": 0})
     yield
-    ray.shutdown()
+    if started:
+        ray.shutdown()
 
 
 @pytest.fixture
@@ -144,15 +147,20 @@ def test_a_ray_sweep_equals_the_in_process_sweep(ray_settings, in_process):
     assert _no_sweep_actors()
 
 
-def test_a_killed_actor_is_restarted_its_shard_retried_and_the_result_is_identical(ray_settings, in_process):
-    expected, expected_shards = in_process
-    killed = []
-
-    def kill_once(pool, fraction, message):
-        if not killed:  # right after the first shards were handed out: actor 0 is running one
+def kill_once(killed: list):
+    """A progress hook that kills actor 0 (to be restarted) at its first call, right after the
+    first shards were handed out: actor 0 is running one."""
+    def hook(pool, fraction, message):
+        if not killed:
             killed.append(pool.actors[0])
             ray.kill(pool.actors[0], no_restart=False)
-    result, seen = _pool_sweep(ray_settings, kill_once)
+    return hook
+
+
+def test_a_killed_actor_is_restarted_its_shard_retried_and_the_result_is_identical(ray_settings, in_process):
+    expected, expected_shards = in_process
+    killed: list = []
+    result, seen = _pool_sweep(ray_settings, kill_once(killed))
     assert killed
     assert_close(untimed(result.to_json()), untimed(expected.to_json()))
     assert_same_shards(seen, expected_shards)
@@ -223,16 +231,22 @@ def test_cancelling_a_ray_sweep_job_marks_it_cancelled_and_stores_nothing(ray_se
     assert _no_sweep_actors()
 
 
-def test_the_cli_sweep_on_ray_writes_the_in_process_sweep(ray_instance, tiny_cache, tmp_path, monkeypatch,
-                                                          in_process):
+def run_cli(monkeypatch, tiny_cache, tmp_path, argv: list[str]) -> dict:
+    """`piescope <argv> --executor ray --ray-workers 2 --out FILE` on the tiny cache -> the JSON written."""
     from backend.cli import main
-    from backend.cli.output import finite
-    expected, _ = in_process
     monkeypatch.setenv("PIESCOPE_MODELS_CACHE", str(tiny_cache))
     monkeypatch.setenv("PIESCOPE_DATA_DIR", str(tmp_path / "data"))
-    out = tmp_path / "sweep.json"
-    assert main(["sweep", "--model", TINY_MODEL, "--transcoder", TINY_CLT, "--task", "ioi", "-n", "6",
-                 "--methods", "fap,fap-synergy,random", "--ks", "2,4", "--random-seeds", "2", "--batch-size", "2",
-                 "--executor", "ray", "--ray-workers", "2", "--out", str(out)]) == 0
-    assert_close(untimed(json.loads(out.read_text())), untimed(finite(expected.to_json())))
+    out = tmp_path / "out.json"
+    assert main([*argv, "--executor", "ray", "--ray-workers", "2", "--out", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
+def test_the_cli_sweep_on_ray_writes_the_in_process_sweep(ray_instance, tiny_cache, tmp_path, monkeypatch,
+                                                          in_process):
+    from backend.cli.output import finite
+    expected, _ = in_process
+    written = run_cli(monkeypatch, tiny_cache, tmp_path, [
+        "sweep", "--model", TINY_MODEL, "--transcoder", TINY_CLT, "--task", "ioi", "-n", "6",
+        "--methods", "fap,fap-synergy,random", "--ks", "2,4", "--random-seeds", "2", "--batch-size", "2"])
+    assert_close(untimed(written), untimed(finite(expected.to_json())))
     assert _no_sweep_actors()

@@ -252,6 +252,10 @@ class Shard:
     start: int
     stop: int
 
+    @property
+    def label(self) -> str:
+        return f"prompts {self.start + 1}-{self.stop}"
+
 
 def sweep_shards(n_prompts: int, batch_size: int) -> list[Shard]:
     """The batches of a sweep, in order (the in-process run and every executor use these)."""
@@ -335,7 +339,7 @@ class SweepShards:
     def first_pass(self, shard: Shard, progress: Progress | None = None) -> FirstPass:
         """Every (method, K) on this shard, and the base method at round(1.5 K)."""
         progress, t0 = progress or _no_progress, time.perf_counter()
-        plan, span = self.plan, f"prompts {shard.start + 1}-{shard.stop}"
+        plan, span = self.plan, shard.label
         steps = len(plan.config.methods) + 1 + bool(plan.claimed)
         progress(0.0, f"attributing {span} of {len(self.batch)}")
         ctx, prep = self._prepared(shard)
@@ -359,7 +363,7 @@ class SweepShards:
         progress, t0 = progress or _no_progress, time.perf_counter()
         what = " and ".join(([f"{self.plan.base} at K'"] if follow.at_k_equivalent else [])
                             + (["random-from-active curve"] if follow.curve_ks else []))
-        progress(0.0, f"{what} on prompts {shard.start + 1}-{shard.stop}")
+        progress(0.0, f"{what} on {shard.label}")
         ctx, prep = self._prepared(shard, none)
         out = SecondPass({k: _Point() for k in follow.at_k_equivalent}, {k: _Point() for k in follow.curve_ks}, prep)
         for k in follow.at_k_equivalent:
@@ -371,12 +375,14 @@ class SweepShards:
 
 
 MapShards = Callable[[str, list[tuple], Progress], list]
-"""How an executor runs shards: (name of a `SweepShards` method, its arguments per shard, progress
-over all of them) -> the results in shard order."""
+"""How an executor runs shards: (name of a method of the shards' runner — `SweepShards`,
+`backend.edges.pipeline.EdgeSweepPoints`, `backend.hagd.pipeline.HagdVerifier` — its arguments per
+shard, the first a unit with a `label`, progress over all of them) -> the results in shard order."""
 
 
-def local_map(shards: SweepShards) -> MapShards:
-    """Run shards one after the other in this process (the in-process executor)."""
+def local_map(shards: Any) -> MapShards:
+    """Run shards one after the other in this process on `shards` (a runner as above: the
+    in-process executor)."""
     def run(method: str, args: list[tuple], progress: Progress) -> list:
         out = []
         for i, a in enumerate(args):

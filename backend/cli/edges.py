@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from backend.cli.output import parse_options, print_table, progress_bar, say, write_json
+from backend.cli.ray_runs import add_ray_args, ray_inputs, say_pairs, wants_ray
 from backend.errors import UserError
 from backend.settings import Settings
 
@@ -38,7 +39,15 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--edge-counts", help="comma-separated edge counts (default: 8 log-spaced up to all)")
     p.add_argument("--options", help="per-method options as JSON, e.g. '{\"hap\": {\"rho\": 0.2}}'")
     p.add_argument("--plot", help="write the curves (PNG) here")
+    add_ray_args(p, "the (method, edge count) points")
     p.set_defaults(run=cmd_edge_sweep)
+
+
+def _task_options(args: argparse.Namespace) -> dict:
+    options = {"path": args.path} if args.path else {}
+    if args.task_corruption:
+        options["corruption"] = args.task_corruption
+    return options
 
 
 def _inputs(args: argparse.Namespace, settings: Settings, check=None):
@@ -46,10 +55,7 @@ def _inputs(args: argparse.Namespace, settings: Settings, check=None):
     from backend.tasks import get_task
     if args.n <= 0:
         raise UserError(f"-n must be a positive number of prompts, not {args.n}")
-    options = {"path": args.path} if args.path else {}
-    if args.task_corruption:
-        options["corruption"] = args.task_corruption
-    task = get_task(args.task, **options)
+    task = get_task(args.task, **_task_options(args))
     adapter = load_model(args.model, settings, report=say)
     if check is not None:
         check(adapter)
@@ -127,14 +133,17 @@ def cmd_edge_sweep(args: argparse.Namespace, settings: Settings) -> None:
     from backend.edges.graph import EdgeGraph
     from backend.edges.registry import target_count
 
-    def check(adapter) -> None:
-        for c in counts or []:
-            target_count(EdgeGraph.for_adapter(adapter).n_edges, edges=c)
-    adapter, batch = _inputs(args, settings, check=check)
     config = EdgeSweepConfig(methods, counts, options, args.seed, args.batch_size)
-    bar, update = progress_bar("edge-sweep")
-    with bar:
-        sweep = run_edge_sweep(adapter, batch, config, task_name=args.task, progress=update)
+    if wants_ray(args, settings):
+        sweep = _edge_sweep_on_ray(args, settings, config)
+    else:
+        def check(adapter) -> None:
+            for c in counts or []:
+                target_count(EdgeGraph.for_adapter(adapter).n_edges, edges=c)
+        adapter, batch = _inputs(args, settings, check=check)
+        bar, update = progress_bar("edge-sweep")
+        with bar:
+            sweep = run_edge_sweep(adapter, batch, config, task_name=args.task, progress=update)
     print_table([{"method": r.method, "target": r.n_target, "kept": r.n_kept, "KL mean": r.kl.mean,
                   "95% CI": f"{r.kl.ci95[0]:.3f}-{r.kl.ci95[1]:.3f}", "recovered": r.recovered_of_means,
                   "accuracy": r.accuracy.mean, "fwd": r.cost["forwards"], "bwd": r.cost["backwards"],
@@ -145,3 +154,15 @@ def cmd_edge_sweep(args: argparse.Namespace, settings: Settings) -> None:
         write_json(args.out, sweep.to_json())
     if args.plot:
         say(f"wrote {plot_edge_sweep(sweep, args.plot)}")
+
+
+def _edge_sweep_on_ray(args: argparse.Namespace, settings: Settings, config):
+    """The edge sweep's scores and points on Ray actors, which load the model themselves."""
+    settings, inputs, model_name, _ = ray_inputs(args, settings, _task_options(args), transcoder=False)
+    from backend.executors.ray_executor import run_edge_sweep as run_on_ray
+    bar, update = progress_bar("edge-sweep on Ray")
+    with bar:
+        sweep, info = run_on_ray(settings, inputs, config, progress=update, workers=args.ray_workers,
+                                 model_name=model_name)
+    say_pairs(info, args.task)
+    return sweep

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from contextlib import nullcontext
 
 from backend.cli.output import parse_options, print_table, progress_bar, say, write_json
+from backend.cli.ray_runs import add_ray_args, ray_inputs, wants_ray
 from backend.errors import UserError
 from backend.settings import Settings
 
@@ -19,6 +21,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--options", help="HAGD options as JSON, e.g. '{\"pool\": 50, \"lam\": 0.05, "
                    "\"score\": \"mass\", \"verify_seeds\": 5}'")
     p.add_argument("--out", help="write the result (levels, circuit, verification, ...) as JSON here")
+    add_ray_args(p, "the verification's prompt sets")
     p.set_defaults(run=cmd_hagd)
 
     p = sub.add_parser("hagd-scorer", help="build HAGD's learned cluster scorer (a small GNN) across tasks "
@@ -47,14 +50,19 @@ def cmd_hagd(args: argparse.Namespace, settings: Settings) -> None:
         raise UserError(f"-n must be a positive number of prompts, not {args.n}")
     config = HagdConfig.from_options(parse_options(args.options))  # fail before loading anything
     task = get_task(args.task)
+    verify_map = nullcontext(None)
+    if wants_ray(args, settings):  # the driver runs the search; the actors verify
+        ray_settings, inputs, _, _ = ray_inputs(args, settings, {})
+        from backend.executors.ray_executor import task_map
+        verify_map = task_map(ray_settings, inputs, config, workers=args.ray_workers)
     tc_name, tc_path = resolve_transcoder(args.transcoder, settings, allow_paths=True)
     adapter = load_model(args.model, settings, report=say)
     transcoder = load_transcoder(tc_path, device=settings.device)
     transcoder.check_fits(adapter.n_layers, adapter.d_model, adapter.name)
     bar, update = progress_bar("hagd")
-    with bar:
+    with bar, verify_map as run_sets:
         result = run_hagd(adapter, transcoder, task, args.n, config, model_name=adapter.name,
-                          transcoder_name=tc_name, task_name=args.task, progress=update)
+                          transcoder_name=tc_name, task_name=args.task, progress=update, verify_map=run_sets)
     print_result(result)
     if args.out:
         write_json(args.out, result.to_json())

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from backend.cli.output import parse_options, print_table, progress_bar, say, write_json
+from backend.cli.ray_runs import add_ray_args, ray_inputs, say_pairs, wants_ray
 from backend.errors import UserError
 from backend.settings import Settings
 
@@ -52,12 +52,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="skip completeness (one more patched forward per method and K)")
     p.add_argument("--no-random-curve", action="store_true", help="skip the random-from-active curve")
     p.add_argument("--plot", help="write the KL-vs-K plot (PNG) here")
-    p.add_argument("--executor", choices=("inprocess", "ray"),
-                   help="run the prompt batches here, or as shards on Ray actors (default: PIESCOPE_EXECUTOR)")
-    p.add_argument("--address", help="with --executor ray: the Ray cluster to join, e.g. 'auto' "
-                                     "(default: PIESCOPE_RAY_ADDRESS, else a local Ray instance)")
-    p.add_argument("--ray-workers", type=int, help="with --executor ray: actors, each loading the model once "
-                                                   "(default: one per GPU, else one per CPU)")
+    add_ray_args(p, "the prompt batches")
     p.set_defaults(run=cmd_sweep)
 
 
@@ -129,7 +124,7 @@ def cmd_sweep(args: argparse.Namespace, settings: Settings) -> None:
                          options=options, seed=args.seed, random_seeds=args.random_seeds,
                          batch_size=args.batch_size, random_curve=not args.no_random_curve,
                          tost_margin=args.tost_margin, completeness=not args.no_completeness)
-    if (args.executor or settings.executor) == "ray":
+    if wants_ray(args, settings):
         result = sweep_on_ray(args, settings, config)
     else:
         adapter, transcoder, tc_name, batch = pie_inputs(args, settings)
@@ -146,37 +141,20 @@ def cmd_sweep(args: argparse.Namespace, settings: Settings) -> None:
 
 
 def sweep_on_ray(args: argparse.Namespace, settings: Settings, config):
-    """The sweep's shards on Ray actors, which load the model and transcoder themselves (paths made
-    absolute; on a cluster they must exist on every node): nothing heavy loads here."""
+    """The sweep's shards on Ray actors, which load the model and transcoder themselves: nothing
+    heavy loads here."""
     from backend.circuits.pipeline import plan_sweep
-    from backend.models.loading import locate
-    from backend.models.transcoder_registry import resolve_transcoder
-    from backend.tasks import get_task
-    if args.n <= 0:
-        raise UserError(f"-n must be a positive number of prompts, not {args.n}")
-    if args.ray_workers is not None and args.ray_workers <= 0:
-        raise UserError(f"--ray-workers must be a positive number, not {args.ray_workers}")
     plan_sweep(config)
-    try:
-        from backend.executors.ray_executor import SweepInputs, absolute, run_sweep as run_on_ray
-    except ImportError:
-        raise UserError("--executor ray needs Ray: pip install 'piescope[ray]'") from None
-    task_options = {"path": absolute(args.path)} if args.path else {}
+    task_options = {"path": args.path} if args.path else {}
     if args.task_corruption:
         task_options["corruption"] = args.task_corruption
-    get_task(args.task, **task_options)
-    model_name, where, kind = locate(args.model, settings, allow_paths=True)
-    tc_name, tc_path = resolve_transcoder(args.transcoder, settings, allow_paths=True)
-    settings = settings.model_copy(update={"executor": "ray", "models_cache": Path(settings.models_cache).resolve(),
-                                           **({"ray_address": args.address} if args.address else {})})
-    model_ref = str(Path(where).resolve()) if kind in ("dir", "gguf") else args.model  # else a registry name
-    inputs = SweepInputs(model_ref, str(tc_path), args.task, task_options, args.n, args.seed, allow_paths=True)
+    settings, inputs, model_name, tc_name = ray_inputs(args, settings, task_options)
+    from backend.executors.ray_executor import run_sweep as run_on_ray
     bar, update = progress_bar("sweep on Ray")
     with bar:
         result, info = run_on_ray(settings, inputs, config, progress=update, workers=args.ray_workers,
                                   model_name=model_name, transcoder_name=tc_name)
-    dropped = ", ".join(f"{v} {k}" for k, v in info["dropped"].items() if v)
-    say(f"{len(info['pairs'])} {args.task} prompt pairs" + (f" (dropped: {dropped})" if dropped else ""))
+    say_pairs(info, args.task)
     return result
 
 

@@ -2,6 +2,20 @@
 
 The CLI, the worker's job functions and the bench call these; JSON is made in one place
 (``EdgeCircuit.to_json``, ``EdgeSweep.to_json``).
+
+An edge sweep is split like a PIE sweep (`backend.circuits.pipeline`): its (method, edge count)
+points are independent tasks (`EdgeSweepPoints.point`) that run one after the other here
+(`local_map`) or on Ray actors that each hold the model and one EdgeContext
+(`backend.executors.ray_executor`), merged into the same EdgeSweep by `merge_edge_sweep`.
+
+EAP / EAP-IG scores are computed once per sweep, each as a task of its own before the points,
+and the driver ships them to the points whose method reads them (HAP, EAP, EAP-IG, ACDC with a
+pool), rather than every actor re-deriving them on its EdgeContext: (1) each is computed once,
+not once per actor; (2) every point sees the very same tensor, so top-n and HAP's top-rho
+candidate set cannot tie-break differently where a device's backward pass is not bitwise
+reproducible (CUDA atomics), and the kept sets equal the in-process ones by construction; (3)
+their cost is charged once, to the first row that reads them, exactly as one loop over one
+context charges it, whatever actor ran which point. They are [E] vectors, small to ship.
 """
 
 from __future__ import annotations
@@ -11,12 +25,14 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+from torch import Tensor
 
+from backend.circuits.pipeline import MapShards, local_map
 from backend.circuits.results import Stat
 from backend.edges.attention import MAX_PROMPTS, circuit_heads, head_attention
-from backend.edges.context import EdgeContext, Progress
+from backend.edges.context import Cost, EdgeContext, Progress, Timer
 from backend.edges.evaluation import EdgeMetrics, curve_area, evaluate, log_spaced_counts
-from backend.edges.registry import EdgeRun, get_edge_method, target_count
+from backend.edges.registry import EdgeRun, ScoreKey, compute_scores, get_edge_method, target_count
 from backend.errors import InvalidParameterError
 from backend.models.adapters import ModelAdapter
 from backend.tasks import PromptBatch
@@ -143,43 +159,158 @@ class EdgeSweepConfig:
     batch_size: int = 16
 
 
-def run_edge_sweep(adapter: ModelAdapter, batch: PromptBatch, config: EdgeSweepConfig, *,
-                   model_name: str = "", task_name: str = "", progress: Progress | None = None) -> EdgeSweep:
-    """Every method at every edge count on the same prompts; faithfulness curves and their area."""
+@dataclass(frozen=True)
+class EdgePoint:
+    """One (method, edge count) of an edge sweep: the unit an executor runs anywhere."""
+
+    method: str
+    count: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.method} at {self.count} edges"
+
+
+@dataclass
+class EdgeSweepPlan:
+    """A validated edge sweep: what every point and the merge agree on."""
+
+    config: EdgeSweepConfig
+    methods: list[str]
+    options: dict[str, dict]                  # per method, defaults filled in
+    counts: list[int]
+    score_keys: dict[str, tuple[ScoreKey, ...]]  # per method, the attribution scores it reads
+
+    @property
+    def points(self) -> list[EdgePoint]:
+        """Methods x counts, in the order of the sweep's rows."""
+        return [EdgePoint(m, c) for m in self.methods for c in self.counts]
+
+    @property
+    def needed(self) -> list[ScoreKey]:
+        """Every attribution score some method reads, in order of first use."""
+        return list(dict.fromkeys(k for m in self.methods for k in self.score_keys[m]))
+
+
+def edge_sweep_options(config: EdgeSweepConfig) -> dict[str, dict]:
+    """Each method's options, defaults filled in; an unknown method (404) or option (422) fails
+    here, before anything is loaded."""
     methods = [get_edge_method(m) for m in config.methods]
     unknown = set(config.options) - {m.name for m in methods}
     if unknown:
         raise InvalidParameterError(f"options given for methods not in the sweep: {', '.join(sorted(unknown))}")
-    options = {m.name: m.options(config.options.get(m.name)) for m in methods}
-    t0 = time.perf_counter()
-    ctx = EdgeContext.create(adapter, batch, batch_size=config.batch_size, seed=config.seed)
-    E = ctx.graph.n_edges
-    counts = sorted(set(config.counts or log_spaced_counts(E)))
+    return {m.name: m.options(config.options.get(m.name)) for m in methods}
+
+
+def plan_edge_sweep(config: EdgeSweepConfig, n_edges: int) -> EdgeSweepPlan:
+    """Check an edge sweep's config against a graph of n_edges edges -> its plan."""
+    options = edge_sweep_options(config)
+    counts = sorted(set(config.counts or log_spaced_counts(n_edges)))
     for c in counts:
-        target_count(E, edges=c)
-    rows: list[EdgeSweepRow] = []
-    total = len(methods) * len(counts)
-    for i, m in enumerate(methods):
-        for j, c in enumerate(counts):
-            done = i * len(counts) + j
-            ctx.progress = (None if progress is None else
-                            lambda f, msg, done=done: progress((done + f) / total, msg))
-            run = m.run(ctx, c, options[m.name])
-            ev = evaluate(ctx, run.kept, seed=config.seed)
-            rows.append(EdgeSweepRow(m.name, c, int(run.kept.sum()), ev.kl_stat, ev.recovered_stat,
-                                     ev.accuracy_stat, ev.recovered_of_means, run.cost.as_dict(ctx.n_prompts)))
-            if progress is not None:
-                progress((done + 1) / total, f"{m.name} at {c} edges: KL {ev.kl_stat.mean:.3f}")
+        target_count(n_edges, edges=c)
+    keys = {m: get_edge_method(m).score_keys(o) for m, o in options.items()}
+    return EdgeSweepPlan(config, list(options), options, counts, keys)
+
+
+@dataclass
+class PointRun:
+    """One point's row, its kept edges [E] bool, and its cost with the attribution scores it read
+    excluded (the merge charges those to the first row that reads them, as one loop over a
+    context would)."""
+
+    row: EdgeSweepRow
+    kept: Tensor
+    cost: Cost
+
+
+class EdgeSweepPoints:
+    """One model and prompt batch (one EdgeContext, its corrupted runs made once) that runs an
+    edge sweep's tasks: the in-process sweep and every executor's workers call these two methods,
+    so there is one code path for the science."""
+
+    def __init__(self, adapter: ModelAdapter, batch: PromptBatch, config: EdgeSweepConfig) -> None:
+        self.ctx = EdgeContext.create(adapter, batch, batch_size=config.batch_size, seed=config.seed)
+        self.plan = plan_edge_sweep(config, self.ctx.graph.n_edges)
+        self.ctx.parts  # noqa: B018 -- made now, so that no point's time includes them
+
+    def scores(self, key: ScoreKey, progress: Progress | None = None) -> tuple[Tensor, Cost]:
+        """Attribution scores [E] on this context's prompts, and what they cost."""
+        self.ctx.progress, self.ctx.cost = progress, Cost()
+        with Timer(self.ctx.cost):
+            self.ctx.cache[key] = compute_scores(self.ctx, key)
+        return self.ctx.cache[key], self.ctx.cost
+
+    def point(self, point: EdgePoint, scores: dict[ScoreKey, Tensor], progress: Progress | None = None) -> PointRun:
+        """The method's circuit at the point's edge count, evaluated on this context's prompts;
+        `scores`: the attribution scores the method reads (computed once for the whole sweep)."""
+        ctx, config = self.ctx, self.plan.config
+        ctx.cache.update(scores)
+        ctx.progress = progress
+        run = get_edge_method(point.method).run(ctx, point.count, self.plan.options[point.method])
+        ev = evaluate(ctx, run.kept, seed=config.seed)
+        if progress is not None:
+            progress(1.0, f"{point.label}: KL {ev.kl_stat.mean:.3f}")
+        row = EdgeSweepRow(point.method, point.count, int(run.kept.sum()), ev.kl_stat, ev.recovered_stat,
+                           ev.accuracy_stat, ev.recovered_of_means, {})
+        return PointRun(row, run.kept, run.cost)
+
+
+def run_edge_sweep(adapter: ModelAdapter, batch: PromptBatch, config: EdgeSweepConfig, *,
+                   model_name: str = "", task_name: str = "", progress: Progress | None = None) -> EdgeSweep:
+    """Every method at every edge count on the same prompts; faithfulness curves and their area,
+    in this process."""
+    t0 = time.perf_counter()
+    points = EdgeSweepPoints(adapter, batch, config)
+    sweep = merge_edge_sweep(points.plan, points.ctx.graph.counts(), len(batch), local_map(points),
+                             model_name=model_name or adapter.name, task_name=task_name, progress=progress)
+    sweep.seconds = time.perf_counter() - t0
+    return sweep
+
+
+def merge_edge_sweep(plan: EdgeSweepPlan, graph: dict[str, int], n_prompts: int, map_tasks: MapShards, *,
+                     model_name: str, task_name: str, progress: Progress | None = None) -> EdgeSweep:
+    """The edge sweep of `plan` on a graph with these counts (`EdgeGraph.counts`) and n_prompts
+    prompts, its tasks run by `map_tasks`.
+
+    First every attribution score some method reads, once (one task per score); then every
+    (method, count) point with the scores its method reads. The points are independent (Edge
+    Pruning and HAP seed their own generators), so where they ran does not change them; rows come
+    in methods x counts order, and each score's cost is charged to the first row reading it.
+    """
+    say = progress or (lambda f, m: None)
+    t0 = time.perf_counter()
+    needed = plan.needed
+    share = 0.1 if needed else 0.0
+    scored = map_tasks("scores", [(k,) for k in needed], lambda f, m: say(share * f, m)) if needed else []
+    scores = {k: s for k, (s, _) in zip(needed, scored)}
+    charge = {k: c for k, (_, c) in zip(needed, scored)}
+    points = plan.points
+    runs: list[PointRun] = map_tasks("point", [(p, {k: scores[k] for k in plan.score_keys[p.method]})
+                                               for p in points], lambda f, m: say(share + (1 - share) * f, m))
+    rows = []
+    for p, run in zip(points, runs):
+        cost = run.cost
+        for k in plan.score_keys[p.method]:
+            if k in charge:  # the first row that reads this score pays for it
+                cost = _plus(cost, charge.pop(k))
+        run.row.cost = cost.as_dict(n_prompts)
+        rows.append(run.row)
+    say(1.0, "done")
+    E = graph["edges"]
     area = {}
-    for m in methods:
-        mine = [r for r in rows if r.method == m.name]
+    for m in plan.methods:
+        mine = [r for r in rows if r.method == m]
         xs = [max(r.n_kept, 1) for r in mine]
         order = sorted(range(len(mine)), key=lambda k: xs[k])
-        area[m.name] = {"kl": curve_area([xs[k] for k in order], [mine[k].kl.mean for k in order], E),
-                        "recovered": curve_area([xs[k] for k in order],
-                                                [mine[k].recovered_of_means for k in order], E)}
-    return EdgeSweep(model_name or adapter.name, task_name, len(batch), [m.name for m in methods], counts,
-                     options, ctx.graph.counts(), rows, area, time.perf_counter() - t0)
+        area[m] = {"kl": curve_area([xs[k] for k in order], [mine[k].kl.mean for k in order], E),
+                   "recovered": curve_area([xs[k] for k in order], [mine[k].recovered_of_means for k in order], E)}
+    return EdgeSweep(model_name, task_name, n_prompts, list(plan.methods), plan.counts, plan.options, dict(graph),
+                     rows, area, time.perf_counter() - t0)
+
+
+def _plus(a: Cost, b: Cost) -> Cost:
+    return Cost(a.forward_rows + b.forward_rows, a.backward_rows + b.backward_rows, a.seconds + b.seconds,
+                a.steps + b.steps)
 
 
 def plot_edge_sweep(sweep: EdgeSweep, path: str) -> str:

@@ -3,6 +3,9 @@
 Every method takes the shared EdgeContext and a target edge count and returns an EdgeRun: the
 kept edges (dangling edges removed), per-edge scores where the method has them, the cost, and
 method-specific details. Targets come as an edge count or a sparsity of the full graph.
+
+EAP / EAP-IG scores are computed once per context, keyed by a `ScoreKey`; a method names the keys
+it reads (`score_keys`), so an edge sweep can compute them once before its points run (anywhere).
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor
@@ -33,6 +36,17 @@ class EdgeRun:
     cost: Cost
     n_target: int
     details: dict[str, Any] = field(default_factory=dict)
+
+
+class ScoreKey(NamedTuple):
+    """Which attribution scores: EAP or EAP-IG, and EAP-IG's integration steps."""
+
+    kind: str   # "eap" | "eap-ig"
+    steps: int = 5
+
+    @property
+    def label(self) -> str:
+        return "EAP scores" if self.kind == "eap" else f"EAP-IG scores ({self.steps} steps)"
 
 
 def target_count(n_edges: int, edges: int | None = None, sparsity: float | None = None) -> int:
@@ -76,6 +90,10 @@ class EdgeMethod(ABC):
             kept = ctx.graph.without_dangling(kept)
         return EdgeRun(self.name, kept, scores, ctx.cost, n_keep, {"options": opts, **details})
 
+    def score_keys(self, opts: dict[str, Any]) -> tuple[ScoreKey, ...]:
+        """The attribution scores `select` reads from the context's cache with these options."""
+        return ()
+
     @abstractmethod
     def select(self, ctx: EdgeContext, n_keep: int, opts: dict[str, Any]) -> tuple[Tensor, Tensor | None, dict]:
         """(kept [E] bool before dangling removal, scores [E] or None, details)."""
@@ -87,11 +105,16 @@ def top_n(scores: Tensor, n: int) -> Tensor:
     return kept
 
 
-def cached_scores(ctx: EdgeContext, kind: str, steps: int = 5) -> Tensor:
+def compute_scores(ctx: EdgeContext, key: ScoreKey) -> Tensor:
+    """EAP or EAP-IG scores [E] on the context's prompts (their cost counted in ctx.cost)."""
+    kind, steps = key
+    return eap_scores(ctx) if kind == "eap" else eap_ig_scores(ctx, steps)
+
+
+def cached_scores(ctx: EdgeContext, key: ScoreKey) -> Tensor:
     """EAP / EAP-IG scores, computed once per context (their cost is charged on first use)."""
-    key = (kind, steps)
     if key not in ctx.cache:
-        ctx.cache[key] = eap_scores(ctx) if kind == "eap" else eap_ig_scores(ctx, steps)
+        ctx.cache[key] = compute_scores(ctx, key)
     return ctx.cache[key]
 
 
@@ -99,8 +122,11 @@ class EAP(EdgeMethod):
     name = "eap"
     description = "Edge attribution patching: the top edges by |(x~_u - x_u) . dM/d in_v|"
 
+    def score_keys(self, opts):
+        return (ScoreKey("eap"),)
+
     def select(self, ctx, n_keep, opts):
-        s = cached_scores(ctx, "eap")
+        s = cached_scores(ctx, *self.score_keys(opts))
         return top_n(s, n_keep), s, {}
 
 
@@ -109,10 +135,13 @@ class EAPIG(EdgeMethod):
     description = "EAP with integrated gradients over the inputs (m steps from corrupted to clean)"
     defaults = {"steps": 5}
 
-    def select(self, ctx, n_keep, opts):
+    def score_keys(self, opts):
         if opts["steps"] < 1:
             raise InvalidParameterError("eap-ig: steps must be >= 1")
-        s = cached_scores(ctx, "eap-ig", opts["steps"])
+        return (ScoreKey("eap-ig", opts["steps"]),)
+
+    def select(self, ctx, n_keep, opts):
+        s = cached_scores(ctx, *self.score_keys(opts))
         return top_n(s, n_keep), s, {}
 
 
@@ -121,12 +150,15 @@ class ACDC(EdgeMethod):
     description = "Greedy reverse-topological edge removal while KL rises by less than tau"
     defaults = {"tau": None, "n_tau": 6, "tau_lo": 1e-5, "tau_hi": 1.0, "max_batch": 16, "pool": None}
 
+    def score_keys(self, opts):
+        return (ScoreKey("eap"),) if opts["pool"] is not None else ()
+
     def select(self, ctx, n_keep, opts):
         pool = None
         if opts["pool"] is not None:
             if not isinstance(opts["pool"], int) or not n_keep <= opts["pool"] <= ctx.graph.n_edges:
                 raise InvalidParameterError(f"acdc: pool must be an integer in [{n_keep}, {ctx.graph.n_edges}]")
-            pool = top_n(cached_scores(ctx, "eap"), opts["pool"])
+            pool = top_n(cached_scores(ctx, *self.score_keys(opts)), opts["pool"])
         if opts["tau"] is not None:
             if not opts["tau"] >= 0:
                 raise InvalidParameterError("acdc: tau must be >= 0")
@@ -156,10 +188,13 @@ class HAP(EdgeMethod):
     description = "EAP / EAP-IG picks the top rho of edges, Edge Pruning finds the circuit inside"
     defaults = {"rho": 0.2, "scores": "eap", "ig_steps": 5, **_PRUNING}
 
-    def select(self, ctx, n_keep, opts):
+    def score_keys(self, opts):
         if opts["scores"] not in ("eap", "eap-ig"):
             raise InvalidParameterError("hap: scores must be 'eap' or 'eap-ig'")
-        scores = cached_scores(ctx, opts["scores"], opts["ig_steps"])
+        return (ScoreKey(opts["scores"], opts["ig_steps"]),)
+
+    def select(self, ctx, n_keep, opts):
+        scores = cached_scores(ctx, *self.score_keys(opts))
         pruning = {k: v for k, v in opts.items() if k in _PRUNING}
         res, free = hap(ctx, scores, float(opts["rho"]), n_keep, PruningOptions(**pruning))
         return res.kept, res.log_alpha, {"steps": res.steps, "stopped": res.stopped, "reached": res.reached,

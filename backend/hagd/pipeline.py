@@ -7,6 +7,11 @@
    the learned scorer), then the differentiable mask search over the surviving features;
 4. verify the circuit, FAP's top features and random features of the same size by ablation
    on `verify_seeds` fresh prompt sets: sufficiency and necessity, mean and std.
+
+The prompt sets of step 4 are independent tasks (`HagdVerifier.verify_set`): they run one after
+the other here (`local_map`), or, given `verify_map` (`backend.executors.ray_executor.task_map`),
+on Ray actors that each hold the model and transcoder once, and merge into the same verification
+(`merge_verification`, in seed order). Steps 1-3 run in the calling process.
 """
 
 from __future__ import annotations
@@ -20,11 +25,12 @@ import numpy as np
 import torch
 
 from backend.circuits.attribution import CORRUPTIONS, GRAD_MODES, Attributor, PromptRuns
+from backend.circuits.pipeline import MapShards, local_map
 from backend.errors import InvalidParameterError
 from backend.hagd.feature_graph import FeatureGraph, build_feature_graph, feature_fap
 from backend.hagd.hierarchy import Hierarchy, build_hierarchy
 from backend.hagd.search import (ClusterScore, ablation_score, coarse_to_fine, mask_search, mass_score)
-from backend.hagd.verify import FeatureAblation, Verification, feature_codes, verify
+from backend.hagd.verify import FeatureAblation, SetEvaluation, evaluate_set, feature_codes, merge_verification
 from backend.models.adapters import ModelAdapter
 from backend.models.transcoder import Transcoder
 from backend.tasks import PromptBatch, Task
@@ -137,10 +143,48 @@ def cluster_score(config: HagdConfig, graph: FeatureGraph, hierarchy: Hierarchy,
     return scorer.score_fn(graph, hierarchy), {"kind": "scorer", **scorer.summary()}
 
 
+@dataclass(frozen=True)
+class VerifySet:
+    """One of the verification's fresh prompt sets: the unit an executor runs anywhere."""
+
+    index: int
+    of: int
+    seed: int
+
+    @property
+    def label(self) -> str:
+        return f"verification on prompt set {self.index + 1} of {self.of} (seed {self.seed})"
+
+
+def verify_sets(config: HagdConfig) -> list[VerifySet]:
+    """The verification's prompt sets: seeds seed + 1, ..., seed + verify_seeds."""
+    return [VerifySet(i, config.verify_seeds, config.seed + 1 + i) for i in range(config.verify_seeds)]
+
+
+class HagdVerifier:
+    """One model and transcoder (an Attributor) that verifies circuits on fresh prompt sets of
+    `task`: the in-process run and every executor's workers call `verify_set`, so there is one
+    code path for the science. n: the prompts of the run (verify_n, when set, overrides it)."""
+
+    def __init__(self, attr: Attributor, task: Task, n: int, config: HagdConfig) -> None:
+        self.attr, self.task, self.config = attr, task, config
+        self.n = config.verify_n or n
+
+    def verify_set(self, unit: VerifySet, circuits: dict[str, torch.Tensor],
+                   progress: Progress | None = None) -> SetEvaluation:
+        """Every circuit (feature codes) kept alone and removed alone on the unit's prompt set."""
+        if progress is not None:
+            progress(0.0, unit.label)
+        batch = self.task.build(self.attr.adapter.tokenizer, self.n, seed=unit.seed)
+        ablation = FeatureAblation(self.attr, _prepare(self.attr, batch, self.config.batch_size))
+        return evaluate_set(circuits, ablation, unit.seed)
+
+
 def run_hagd(adapter: ModelAdapter, transcoder: Transcoder, task: Task, n: int, config: HagdConfig, *,
              model_name: str, transcoder_name: str, task_name: str,
-             progress: Progress | None = None) -> HagdResult:
-    """HAGD on n prompts of `task` (see the module docstring)."""
+             progress: Progress | None = None, verify_map: MapShards | None = None) -> HagdResult:
+    """HAGD on n prompts of `task` (see the module docstring); `verify_map` runs the verification's
+    prompt sets (default: here, one after the other)."""
     progress = progress or (lambda f, m: None)
     t0 = time.perf_counter()
     seconds: dict[str, float] = {}
@@ -175,14 +219,10 @@ def run_hagd(adapter: ModelAdapter, transcoder: Transcoder, task: Task, n: int, 
     circuit = found.codes
     baselines = equal_size_baselines(runs_list, transcoder.n_features, len(circuit), config.seed)
     circuits = {"hagd": circuit, **baselines}
-    ablations = {}
-    verify_n = config.verify_n or n
-    seeds = [config.seed + 1 + i for i in range(config.verify_seeds)]
-    for i, s in enumerate(seeds):
-        progress(0.75 + 0.25 * i / len(seeds), f"verification on prompt set {i + 1} of {len(seeds)}")
-        ablations[s] = FeatureAblation(attr, _prepare(attr, task.build(adapter.tokenizer, verify_n, seed=s),
-                                                      config.batch_size))
-    verified = verify(circuits, ablations)
+    run_sets = verify_map or local_map(HagdVerifier(attr, task, n, config))
+    sets = run_sets("verify_set", [(unit, circuits) for unit in verify_sets(config)],
+                    lambda f, m: progress(0.75 + 0.25 * f, m))
+    verified = merge_verification(circuits, sets)
     seconds["verify"] = time.perf_counter() - t1
     seconds["total"] = time.perf_counter() - t0
     progress(1.0, "done")

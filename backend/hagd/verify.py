@@ -111,18 +111,32 @@ class Verification:
                 "necessity_std": self.necessity_std}
 
 
+@dataclass
+class SetEvaluation:
+    """Every circuit on one seed's prompt set: sufficiency and necessity, in the circuits' order."""
+
+    seed: int
+    sufficiency: list[float]
+    necessity: list[float]
+
+
+def evaluate_set(circuits: dict[str, torch.Tensor], ablation: FeatureAblation, seed: int) -> SetEvaluation:
+    """Each named circuit (feature codes) on one prompt set; all of them in the same batched forwards."""
+    sets = list(circuits.values())
+    return SetEvaluation(seed, [float(s) for s in ablation.sufficiency(sets)],
+                         [float(e) for e in ablation.necessity(sets)])
+
+
+def merge_verification(circuits: dict[str, torch.Tensor], sets: list[SetEvaluation]) -> dict[str, Verification]:
+    """Each circuit's sufficiency and necessity over the prompt sets, in their order."""
+    return {n: Verification(int(c.numel()), [s.sufficiency[i] for s in sets], [s.necessity[i] for s in sets],
+                            [s.seed for s in sets]) for i, (n, c) in enumerate(circuits.items())}
+
+
 def verify(circuits: dict[str, torch.Tensor], ablations: dict[int, FeatureAblation]) -> dict[str, Verification]:
     """Each named circuit (feature codes) on each seed's prompts: sufficiency and necessity.
 
     ablations: seed -> the FeatureAblation of that seed's prompt set (prepared once, shared by
     every circuit; all circuits of a seed are evaluated in the same batched forwards).
     """
-    names = list(circuits)
-    sets = [circuits[n] for n in names]
-    suff = {n: [] for n in names}
-    nec = {n: [] for n in names}
-    for seed, ablation in ablations.items():
-        for n, s, e in zip(names, ablation.sufficiency(sets), ablation.necessity(sets)):
-            suff[n].append(float(s))
-            nec[n].append(float(e))
-    return {n: Verification(int(circuits[n].numel()), suff[n], nec[n], list(ablations)) for n in names}
+    return merge_verification(circuits, [evaluate_set(circuits, a, seed) for seed, a in ablations.items()])
