@@ -14,7 +14,7 @@ from backend.edges.evaluation import circuit_logits, curve_area, evaluate, log_s
 from backend.edges.graph import EdgeGraph
 from backend.edges.patching import EdgePatch
 from backend.edges.registry import EDGE_METHODS, get_edge_method, target_count
-from backend.edges.scores import _gradient_run, eap_ig_scores, eap_scores, scores_from_gradients
+from backend.edges.scores import eap_ig_scores, eap_scores
 from backend.errors import UserError
 from backend.tasks import metric
 from tests.edge_fixtures import PLANTED, edge_context, planted_context

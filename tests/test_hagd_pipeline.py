@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
@@ -10,7 +9,7 @@ from backend.cli import main
 from backend.errors import InvalidParameterError
 from backend.hagd.hierarchy import Hierarchy
 from backend.hagd.pipeline import HagdConfig, run_hagd, scorer_samples
-from backend.hagd.scorer import (FEATURE_NAMES, LevelSample, Scorer, build_scorer, leave_one_task_out,
+from backend.hagd.scorer import (FEATURE_NAMES, LevelSample, build_scorer, leave_one_task_out,
                                  load_scorer)
 from backend.tasks import get_task
 from tests.pie_fixtures import pie_setup

@@ -20,7 +20,7 @@ from backend import jobs as job_functions  # noqa: E402
 from backend.api.app import create_app  # noqa: E402
 from backend.circuits.pipeline import local_map  # noqa: E402
 from backend.edges.pipeline import EdgeSweepConfig, EdgeSweepPoints, merge_edge_sweep, plan_edge_sweep  # noqa: E402
-from backend.executors.ray_executor import RayShardPool, SweepInputs, run_edge_sweep, task_map  # noqa: E402
+from backend.executors.ray_executor import RayShardPool, SweepInputs, task_map  # noqa: E402
 from backend.hagd.pipeline import HagdConfig, run_hagd  # noqa: E402
 from backend.tasks import get_task  # noqa: E402
 from tests.api_fixtures import TINY_CLT, TINY_MODEL, tiny_cache, tiny_settings  # noqa: E402,F401

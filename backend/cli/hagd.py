@@ -97,7 +97,6 @@ def cmd_hagd_scorer(args: argparse.Namespace, settings: Settings) -> None:
     from backend.models.loading import load_model
     from backend.models.transcoder_files import load_transcoder
     from backend.models.transcoder_registry import resolve_transcoder
-    from backend.tasks import get_task
     config = HagdConfig.from_options(parse_options(args.options))
     sources = [s.strip().split(":") for s in args.sources.split(",") if s.strip()]
     if not sources or any(len(s) != 3 for s in sources):

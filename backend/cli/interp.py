@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from backend.errors import InvalidParameterError, NotFoundError, UserError
+from backend.errors import InvalidParameterError, NotFoundError
 from backend.settings import Settings
 
 

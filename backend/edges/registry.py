@@ -10,7 +10,6 @@ it reads (`score_keys`), so an edge sweep can compute them once before its point
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, NamedTuple
