@@ -83,6 +83,8 @@ def main() -> None:
     ap.add_argument("--prune-batch", type=int, default=8, help="prompts per Edge Pruning / HAP step")
     ap.add_argument("--window", type=int, default=10)
     ap.add_argument("--epsilon", type=float, default=2e-3)
+    ap.add_argument("--init", type=float, default=10.0,
+                    help="Edge Pruning / HAP initial log alpha (10: the reference's, saturated for short runs)")
     ap.add_argument("--rho", type=float, default=0.15, help="HAP's retained fraction of edges")
     ap.add_argument("--acdc-pool", type=int, default=400, help="ACDC searches the top edges by |EAP|; 0: all")
     ap.add_argument("--acdc-n-tau", type=int, default=3)
@@ -105,7 +107,7 @@ def main() -> None:
           f"shared clean+corrupted runs {time.perf_counter() - t0:.1f} s; torch threads {torch.get_num_threads()}")
     schedule = dict(REFERENCE) if args.reference else {"max_steps": args.steps, "warmup": args.warmup,
                                                        "batch_size": args.prune_batch, "window": args.window}
-    schedule.update(epsilon=args.epsilon, init=10.0, lr=0.8,
+    schedule.update(epsilon=args.epsilon, init=args.init, lr=0.8,
                     **({"lambda_optimizer": "adam", "lambda_lr": 0.8} if args.reference else
                        {"lambda_optimizer": "sgd", "lambda_lr": 8.0}))
     print(f"Edge Pruning / HAP schedule: {schedule}" + ("" if args.reference else
