@@ -11,13 +11,14 @@ import torch
 import yaml
 from safetensors import safe_open
 
-from backend.errors import UserError
+from backend.errors import InvalidParameterError, UserError
 from backend.models.adapters import ModelAdapter
 from backend.models.corpus import (default_corpus, read_corpus, split_heldout, story_documents)
+from backend.models.lazy_adam import LazyAdam
 from backend.models.topk_clt import DeadFeatures, auxk_loss, clt_decode
 from backend.models.training import (CHECKPOINT_FILE, PLOT_FILE, REPORT_FILE, Normaliser, TopKCLT,
-                                     TrainConfig, export_transcoder, is_complete, sparse_decode,
-                                     train_clt, train_loss)
+                                     TrainConfig, export_transcoder, is_complete, make_optimizers,
+                                     resolve_optimizer, sparse_decode, train_clt, train_loss)
 from backend.models.transcoder_files import load_transcoder
 from tests.tiny_models import tiny_model
 from tests.tokenizers import tiny_tokenizer
@@ -102,8 +103,10 @@ def test_files_carry_circuit_tracer_names_and_shapes(trained):
         assert shapes == {f"W_dec_{i}": (FEATS, L - i, D)}
 
 
-def test_resumed_run_ends_where_an_uninterrupted_one_ends(adapter, docs, tmp_path):
-    cfg = replace(CONFIG, steps=14, eval_every=7, export_activation="topk", keep_activations=True)
+@pytest.mark.parametrize("optimizer", ["adam", "lazy-adam"])
+def test_resumed_run_ends_where_an_uninterrupted_one_ends(adapter, docs, tmp_path, optimizer):
+    cfg = replace(CONFIG, steps=14, eval_every=7, export_activation="topk", keep_activations=True,
+                  optimizer=optimizer)
     acts = tmp_path / "acts"
     straight = train_clt(adapter, tmp_path / "a", cfg, corpus=docs, activations_dir=acts,
                          progress=False)
@@ -139,7 +142,8 @@ def test_export_folds_normalisation_into_model_units():
             p.add_(0.1 * torch.randn(p.shape, generator=gen))
     norm = Normaliser(in_scale=torch.rand(L, generator=gen) + 0.5,
                       out_mean=torch.randn(L, D, generator=gen),
-                      out_std=torch.rand(L, generator=gen) + 0.5)
+                      out_std=torch.rand(L, generator=gen) + 0.5,
+                      in_mean=torch.randn(L, D, generator=gen))
     x, y = torch.randn(L, 20, D, generator=gen), torch.zeros(L, 20, D)
     xn, _ = norm.apply(x, y)
     recon_n, _ = model(xn)
@@ -296,3 +300,91 @@ def test_training_reports_dead_features_and_precision(trained):
     assert report["compute_dtype"] in ("float32", "bfloat16") and report["device"] == "cpu"
     assert len(report["dead_curve"]) == len(report["heldout_curve"])
     assert all(len(row) == 3 for row in report["dead_curve"])
+
+
+# ------------------------------------------------------------------ lazy (row-sparse) Adam, centring
+
+
+def test_lazy_adam_equals_dense_adam_on_rows_active_at_every_step():
+    gen = torch.Generator().manual_seed(0)
+    dense_p = torch.randn(8, 3, 5, generator=gen, requires_grad=True)
+    lazy_p = dense_p.detach().clone().requires_grad_(True)
+    dense = torch.optim.Adam([dense_p], lr=1e-2, betas=(0.9, 0.99), foreach=False)
+    lazy = LazyAdam([lazy_p], lr=1e-2, betas=(0.9, 0.99))
+    for _ in range(4):  # rows 0..5 get a gradient every step, rows 6 and 7 never
+        g = torch.randn(8, 3, 5, generator=gen)
+        g[6:] = 0
+        dense_p.grad, lazy_p.grad = g.clone(), g.clone()
+        dense.step()
+        lazy.step()
+    assert torch.allclose(lazy_p, dense_p, atol=1e-7, rtol=1e-6)
+    state = lazy.state[lazy_p]
+    assert state["step"].tolist() == [4] * 6 + [0, 0]
+    assert torch.allclose(state["exp_avg"], dense.state[dense_p]["exp_avg"], atol=1e-8)
+
+
+def test_lazy_adam_leaves_untouched_rows_and_counts_steps_per_row():
+    gen = torch.Generator().manual_seed(1)
+    p = torch.randn(4, 6, generator=gen, requires_grad=True)
+    start = p.detach().clone()
+    opt = LazyAdam([p], lr=0.1)
+    for step in range(3):  # row 3 first moves at step 3: its update is Adam's first step
+        g = torch.randn(4, 6, generator=gen)
+        g[2:] = 0
+        if step == 2:
+            g[3] = torch.randn(6, generator=gen)
+        p.grad = g
+        opt.step()
+    assert torch.equal(p[2], start[2]) and torch.count_nonzero(opt.state[p]["exp_avg"][2]) == 0
+    fresh = start[3].clone().requires_grad_(True)
+    ref = torch.optim.Adam([fresh], lr=0.1, foreach=False)
+    fresh.grad = g[3].clone()
+    ref.step()
+    assert torch.allclose(p[3], fresh, atol=1e-7) and opt.state[p]["step"].tolist() == [3, 3, 0, 1]
+
+
+def test_lazy_adam_trainer_step_equals_the_dense_step():
+    """One trainer step on the same batch from the same start: dense Adam and lazy Adam (decoder)
+    give the same parameters; rows no token activated do not move under either."""
+    x, y = _batch()
+    dead = torch.zeros(L, FEATS, dtype=torch.bool)
+    dead[:, :8] = True  # AuxK active: dead rows get gradients too
+    models = {}
+    for name in ("adam", "lazy-adam"):
+        cfg = replace(CONFIG, precision="float32", optimizer=name)
+        model = TopKCLT(L, D, FEATS, K, seed=0)
+        opts = make_optimizers(model, cfg)
+        assert len(opts) == (2 if name == "lazy-adam" else 1)
+        loss, aux, codes = train_loss(model, x, y, dead, cfg)
+        (loss + cfg.aux_coef * aux).backward()
+        for opt in opts:
+            opt.step()
+        models[name] = (model, codes)
+    start = TopKCLT(L, D, FEATS, K, seed=0)
+    (dense, codes), (lazy, _) = models["adam"], models["lazy-adam"]
+    for (name, a), (_, b) in zip(dense.named_parameters(), lazy.named_parameters()):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-5), name
+    touched = torch.zeros(FEATS, dtype=torch.bool)
+    touched[codes[0][0].unique()] = True
+    touched[:8] = True
+    assert (~touched).any() and torch.equal(lazy.W_dec[0][~touched], start.W_dec[0][~touched])
+
+
+def test_optimizer_auto_picks_lazy_adam_only_for_sparse_batches():
+    assert resolve_optimizer(replace(CONFIG, batch_size=256, k=4, features_per_layer=64)) == "adam"
+    assert resolve_optimizer(TrainConfig(features_per_layer=65536, k=8, batch_size=1024,
+                                         tokens=4096)) == "lazy-adam"
+    with pytest.raises(InvalidParameterError, match="optimizer"):
+        TrainConfig(optimizer="sgd")
+
+
+def test_normaliser_centres_inputs_before_scaling(adapter, docs, tmp_path):
+    from backend.models.harvest_activations import harvest
+    store = harvest(adapter, docs[:50], tmp_path / "acts", 2048, progress=False)
+    norm = Normaliser.fit(store)
+    x, y = store.rows(slice(0, store.n_tokens))
+    xn, yn = norm.apply(x.float(), y.float())
+    assert torch.allclose(xn.mean(1), torch.zeros(L, D), atol=1e-3)
+    assert torch.allclose(xn.norm(dim=-1).mean(1), torch.full((L,), D ** 0.5), rtol=1e-3)
+    plain = Normaliser.fit(store, center=False)
+    assert torch.count_nonzero(plain.in_mean) == 0

@@ -28,6 +28,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="matmul dtype; auto: bfloat16 where the device has fast bf16 (AMX CPUs, CUDA)")
     p.add_argument("--aux-coef", type=float, default=1 / 32,
                    help="weight of the AuxK loss that revives dead features (0: off)")
+    p.add_argument("--optimizer", choices=["auto", "adam", "lazy-adam"], default="auto",
+                   help="lazy-adam updates only the decoder rows a batch touched; auto picks it when "
+                        "a batch touches under half of them (large CLTs), else dense Adam")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--out", required=True, help="output directory (circuit-tracer format)")
     p.set_defaults(run=cmd_train_clt)
@@ -39,7 +42,7 @@ def cmd_train_clt(args: argparse.Namespace, settings: Settings) -> None:
     config = TrainConfig(features_per_layer=args.features_per_layer, k=args.k, tokens=args.tokens,
                          heldout_tokens=args.heldout_tokens, steps=args.steps, batch_size=args.batch_size,
                          lr=args.lr, seed=args.seed, export_activation=args.activation,
-                         precision=args.precision, aux_coef=args.aux_coef,
+                         precision=args.precision, aux_coef=args.aux_coef, optimizer=args.optimizer,
                          calibration_tokens=min(8192, args.tokens))
     out = Path(args.out)
     resume = args.resume or (out / CHECKPOINT_FILE).exists()
