@@ -13,12 +13,29 @@ from safetensors import safe_open
 
 from backend.errors import InvalidParameterError, UserError
 from backend.models.adapters import ModelAdapter
-from backend.models.corpus import (default_corpus, read_corpus, split_heldout, story_documents)
+from backend.models.corpus import (
+    default_corpus,
+    read_corpus,
+    split_heldout,
+    story_documents,
+)
 from backend.models.lazy_adam import LazyAdam
 from backend.models.topk_clt import DeadFeatures, auxk_loss, clt_decode
-from backend.models.training import (CHECKPOINT_FILE, PLOT_FILE, REPORT_FILE, Normaliser, TopKCLT,
-                                     TrainConfig, export_transcoder, is_complete, make_optimizers,
-                                     resolve_optimizer, sparse_decode, train_clt, train_loss)
+from backend.models.training import (
+    CHECKPOINT_FILE,
+    PLOT_FILE,
+    REPORT_FILE,
+    Normaliser,
+    TopKCLT,
+    TrainConfig,
+    export_transcoder,
+    is_complete,
+    make_optimizers,
+    resolve_optimizer,
+    sparse_decode,
+    train_clt,
+    train_loss,
+)
 from backend.models.transcoder_files import load_transcoder
 from tests.tiny_models import tiny_model
 from tests.tokenizers import tiny_tokenizer
@@ -383,7 +400,7 @@ def test_normaliser_centres_inputs_before_scaling(adapter, docs, tmp_path):
     store = harvest(adapter, docs[:50], tmp_path / "acts", 2048, progress=False)
     norm = Normaliser.fit(store)
     x, y = store.rows(slice(0, store.n_tokens))
-    xn, yn = norm.apply(x.float(), y.float())
+    xn, _ = norm.apply(x.float(), y.float())
     assert torch.allclose(xn.mean(1), torch.zeros(L, D), atol=1e-3)
     assert torch.allclose(xn.norm(dim=-1).mean(1), torch.full((L,), D ** 0.5), rtol=1e-3)
     plain = Normaliser.fit(store, center=False)

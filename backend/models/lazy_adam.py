@@ -41,7 +41,7 @@ class LazyAdam(torch.optim.Optimizer):
         return grad.reshape(grad.shape[0], -1).ne(0).any(1).nonzero().squeeze(1)
 
     @torch.no_grad()
-    def step(self, closure=None):  # noqa: D102 - torch.optim.Optimizer.step
+    def step(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():

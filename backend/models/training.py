@@ -45,8 +45,16 @@ from backend.models.adapters import ModelAdapter
 from backend.models.corpus import load_corpus, split_heldout
 from backend.models.harvest_activations import ActivationStore, delete_store, harvest
 from backend.models.lazy_adam import LazyAdam
-from backend.models.topk_clt import (DECODER_BACKWARDS, PRECISIONS, DeadFeatures, TopKCLT, auxk_loss,
-                                     resolve_backward, resolve_precision, sparse_decode)  # noqa: F401
+from backend.models.topk_clt import (
+    DECODER_BACKWARDS,
+    PRECISIONS,
+    DeadFeatures,
+    TopKCLT,
+    auxk_loss,
+    resolve_backward,  # noqa: F401
+    resolve_precision,
+    sparse_decode,
+)
 from backend.models.transcoder import Transcoder, TranscoderConfig
 from backend.models.transcoder_files import save_transcoder
 
@@ -404,7 +412,7 @@ def resolve_optimizer(cfg: TrainConfig) -> str:
 
 def make_optimizers(model: TopKCLT, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
     """Dense Adam for everything, or dense Adam for encoder and biases plus LazyAdam for W_dec."""
-    adam = dict(lr=cfg.lr, betas=(0.9, 0.999))
+    adam = {"lr": cfg.lr, "betas": (0.9, 0.999)}
     if resolve_optimizer(cfg) == "adam":
         return [torch.optim.Adam(model.parameters(), **adam, fused=True)]
     dense = [*model.W_enc, *model.b_enc, model.b_dec]
