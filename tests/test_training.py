@@ -13,29 +13,12 @@ from safetensors import safe_open
 
 from backend.errors import InvalidParameterError, UserError
 from backend.models.adapters import ModelAdapter
-from backend.models.corpus import (
-    default_corpus,
-    read_corpus,
-    split_heldout,
-    story_documents,
-)
+from backend.models.corpus import (default_corpus, read_corpus, split_heldout, story_documents)
 from backend.models.lazy_adam import LazyAdam
 from backend.models.topk_clt import DeadFeatures, auxk_loss, clt_decode
-from backend.models.training import (
-    CHECKPOINT_FILE,
-    PLOT_FILE,
-    REPORT_FILE,
-    Normaliser,
-    TopKCLT,
-    TrainConfig,
-    export_transcoder,
-    is_complete,
-    make_optimizers,
-    resolve_optimizer,
-    sparse_decode,
-    train_clt,
-    train_loss,
-)
+from backend.models.training import (CHECKPOINT_FILE, PLOT_FILE, REPORT_FILE, Normaliser, TopKCLT,
+                                     TrainConfig, export_transcoder, is_complete, make_optimizers,
+                                     resolve_optimizer, sparse_decode, train_clt, train_loss)
 from backend.models.transcoder_files import load_transcoder
 from tests.tiny_models import tiny_model
 from tests.tokenizers import tiny_tokenizer

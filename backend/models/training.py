@@ -45,16 +45,8 @@ from backend.models.adapters import ModelAdapter
 from backend.models.corpus import load_corpus, split_heldout
 from backend.models.harvest_activations import ActivationStore, delete_store, harvest
 from backend.models.lazy_adam import LazyAdam
-from backend.models.topk_clt import (
-    DECODER_BACKWARDS,
-    PRECISIONS,
-    DeadFeatures,
-    TopKCLT,
-    auxk_loss,
-    resolve_backward,  # noqa: F401
-    resolve_precision,
-    sparse_decode,
-)
+from backend.models.topk_clt import (DECODER_BACKWARDS, PRECISIONS, DeadFeatures, TopKCLT, auxk_loss,  # noqa: F401
+                                     resolve_backward, resolve_precision, sparse_decode)
 from backend.models.transcoder import Transcoder, TranscoderConfig
 from backend.models.transcoder_files import save_transcoder
 
