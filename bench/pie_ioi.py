@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/pie_ioi.py            # N=100, the five budgets, with FAP-Synergy
     .venv/bin/python bench/pie_ioi.py --no-synergy -n 20
+    .venv/bin/python bench/pie_ioi.py --docstring 100   # also the base sweep on Doc-String
 
 Prints Markdown tables and writes artifacts/bench/pie_ioi.{json,png}. Targets (issue 4): FAP
 costs at most 4 forward-pass equivalents of the same batch; the fap + activation-magnitude +
@@ -30,6 +31,7 @@ from backend.circuits.plots import plot_kl_vs_k  # noqa: E402
 from backend.cli.pie import budget_row  # noqa: E402
 from backend.models.registry import DEMO_MODEL  # noqa: E402
 from backend.settings import Settings  # noqa: E402
+from backend.tasks import get_task  # noqa: E402
 
 PAPER = "PIE paper, IOI, last-token KL at K=50/100/200: Llama-3.2-1B FAP 1.33/1.13/0.85, FAP-Synergy 1.22/1.12/0.85"
 
@@ -62,6 +64,8 @@ def main() -> None:
     parser.add_argument("--no-synergy", action="store_true")
     parser.add_argument("--tost-margin", type=float, default=DEFAULT_TOST_MARGIN,
                         help="effective-budget TOST margin, nats of last-token KL")
+    parser.add_argument("--docstring", type=int, default=0, metavar="N",
+                        help="also run the fap + activation-magnitude + random sweep on N Doc-String prompts")
     parser.add_argument("--out", default="artifacts/bench")
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -94,8 +98,18 @@ def main() -> None:
                                 progress=progress, **kw)
             synergy_seconds = time.perf_counter() - t0
             report(base, synergy, base_seconds, synergy_seconds, mem, len(batch))
+        docstring = None
+        if args.docstring:
+            doc_batch = get_task("docstring").build(adapter.tokenizer, args.docstring, seed=0)
+            t0 = time.perf_counter()
+            docstring = run_sweep(adapter, tc, doc_batch, SweepConfig(
+                methods=["fap", "activation-magnitude", "random"], ks=ks, random_seeds=args.random_seeds,
+                batch_size=args.batch_size), progress=progress, **{**kw, "task_name": "docstring"})
+            print(f"# Doc-String, N={len(doc_batch)}\n")
+            report(docstring, None, time.perf_counter() - t0, None, mem, len(doc_batch))
     (out / "pie_ioi.json").write_text(json.dumps({
         "cost": cost, "base": base.to_json(), "synergy": synergy.to_json() if synergy else None,
+        "docstring": docstring.to_json() if docstring else None,
         "peak_rss": mem.peaks, "final_rss": rss_bytes()}, default=str))
     plot_kl_vs_k(base if synergy is None else _merged(base, synergy), out / "pie_ioi.png")
     print(f"\nwrote {out / 'pie_ioi.json'} and {out / 'pie_ioi.png'}")

@@ -95,3 +95,23 @@ def test_fap_synergy_keeps_the_same_sets_with_and_without_the_prefix_cache(arch)
     for k, _ in cases:
         assert torch.equal(kept[(True, k)], kept[(False, k)]), k
     assert kept[(True, "tokens")] < kept[(False, "tokens")]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("kind", ["logit_diff", "logit_diff_max"])
+def test_metric_from_a_few_logit_columns_equals_the_full_metric(arch, kind):
+    """Removal variants unembed only the answer and distractor logits: the same M as from all V."""
+    from backend.tasks import metric, metric_columns, metric_from_columns
+    s, batch = _setups(arch)
+    if kind == "logit_diff_max":  # several distractors, padded with -1 on some rows
+        gen = torch.Generator().manual_seed(0)
+        extra = torch.randint(0, s.adapter.d_vocab, (len(batch), 2), generator=gen)
+        extra[::2, 1] = -1
+        batch = dataclasses.replace(batch, metric_kind=kind, distractor_ids=torch.cat([batch.distractor_ids, extra], 1))
+    with torch.no_grad():
+        full = s.adapter.run(batch.clean_ids, batch.attention_mask, last_pos=batch.last_pos).logits
+        cols = s.adapter.run(batch.clean_ids, batch.attention_mask, last_pos=batch.last_pos,
+                             columns=metric_columns(batch)).logits
+    assert cols.shape == (len(batch), batch.distractor_ids.shape[1] + 1)
+    assert torch.allclose(metric_from_columns(cols, batch), metric(full, batch), atol=1e-5, rtol=1e-5)
+    assert metric_columns(dataclasses.replace(batch, metric_kind="prob_diff")) is None

@@ -22,7 +22,7 @@ from backend.circuits.occurrences import (Occurrences, collect_occurrences, deco
 from backend.errors import InvalidParameterError
 from backend.models.adapters import GradMode, ModelAdapter
 from backend.models.transcoder import Transcoder
-from backend.tasks import PromptBatch, metric
+from backend.tasks import PromptBatch, metric, metric_columns, metric_from_columns
 
 Corruption = Literal["corrupted_prompt", "zero"]
 CORRUPTIONS: tuple[str, ...] = ("corrupted_prompt", "zero")
@@ -146,9 +146,10 @@ class Attributor:
             patch = variant_patch(self.tc, runs.occ, member_rank[lo:hi] - start, members[lo:hi], width, start=p)
             rows = batch_rows(runs.batch, variant_prompt[chunk])
             cache = self._clean_prefix(runs).gather(variant_prompt[chunk], p) if p > 0 else None
+            columns = metric_columns(rows)  # a logit difference reads 2 of V logits: unembed only those
             logits = self.adapter.run(rows.clean_ids[:, p:width], rows.attention_mask[:, :width],
-                                      last_pos=rows.last_pos - p, patch=patch, cache=cache).logits
-            out[chunk] = metric(logits, rows)
+                                      last_pos=rows.last_pos - p, patch=patch, cache=cache, columns=columns).logits
+            out[chunk] = metric(logits, rows) if columns is None else metric_from_columns(logits, rows)
             runs.counters["patched_forwards"] += stop - start
             runs.counters["tokens_forwarded"] += (stop - start) * (width - p)
         return out

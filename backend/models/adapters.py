@@ -177,7 +177,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
 class RunOutput:
     """What one forward pass returns.
 
-    logits: [B, V] at ``last_pos`` (or [B, T, V] with ``logits_at="all"``).
+    logits: [B, V] at ``last_pos`` (or [B, T, V] with ``logits_at="all"``; [B, K] with ``columns``).
     hidden: [B, T, d] final-normed hidden states with ``logits_at="none"`` (logits still at last_pos).
     resid_mid, mlp_out: [L, B, T, d] when captured, else None.
     mlp_out_leaves: per layer, the tensors whose ``.grad`` is dM/d mlp_out (gradient runs).
@@ -401,6 +401,21 @@ class ModelAdapter:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
 
+    def unembed_columns(self, hidden: Tensor, columns: Tensor) -> Tensor:
+        """The logits of vocabulary entries ``columns`` only: hidden [N, d], columns [N, K] -> [N, K].
+
+        N*K*d work instead of N*V*d, for metrics that read a few logits (a logit difference);
+        entries of ``columns`` < 0 are padding and give 0.
+        """
+        rows = self.unembedding[columns.clamp(min=0)]                      # [N, K, d]
+        logits = torch.einsum("nd,nkd->nk", hidden.to(rows.dtype), rows)
+        head = self.model.get_output_embeddings()
+        if getattr(head, "bias", None) is not None:
+            logits = logits + head.bias[columns.clamp(min=0)]
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits.masked_fill(columns < 0, 0.0)
+
     @property
     def unembedding(self) -> Tensor:
         """W_U [V, d]: the unembedding matrix (for logit-lens readings)."""
@@ -463,7 +478,7 @@ class ModelAdapter:
             capture: bool = False, linearise: bool = False, grad: GradMode | None = None,
             logits_at: Literal["last", "all", "none"] = "last",
             attention: AttentionControl | None = None, cache: object | None = None,
-            interventions: Sequence[Intervention] = ()) -> RunOutput:
+            interventions: Sequence[Intervention] = (), columns: Tensor | None = None) -> RunOutput:
         """One forward pass.
 
         input_ids, attention_mask: [B, T], right-padded. last_pos: [B] index of each row's last
@@ -479,6 +494,7 @@ class ModelAdapter:
         (patches then cover only these new positions). Unpadded inputs only.
         The flags are shorthands for interventions (Linearise, AddPatch, GradLeaves, Capture),
         attached in that order before ``interventions`` (e.g. an edge patch).
+        columns: [B, K] vocabulary ids: the logits are only those at last_pos ([B, K]).
         """
         if last_pos is None:
             last_pos = (attention_mask.sum(-1) - 1 if attention_mask is not None
@@ -497,7 +513,10 @@ class ModelAdapter:
         hidden = self.forward_with(chain, input_ids, attention_mask, cache=cache)
 
         rows = torch.arange(hidden.shape[0], device=hidden.device)
-        if logits_at == "none":  # final-normed hidden states; unembed later, in chunks
+        if columns is not None:
+            result = RunOutput(logits=self.unembed_columns(hidden[rows, last_pos.to(hidden.device)],
+                                                           columns.to(hidden.device)))
+        elif logits_at == "none":  # final-normed hidden states; unembed later, in chunks
             result = RunOutput(logits=self.unembed(hidden[rows, last_pos.to(hidden.device)]), hidden=hidden)
         elif logits_at == "last":
             result = RunOutput(logits=self.unembed(hidden[rows, last_pos.to(hidden.device)]))

@@ -7,6 +7,8 @@ from backend.tasks.base import (
     Task,
     last_logits,
     metric,
+    metric_columns,
+    metric_from_columns,
     tokenize_pairs,
 )
 from backend.tasks.registry import TASKS, get_task, list_tasks
@@ -21,5 +23,7 @@ __all__ = [
     "last_logits",
     "list_tasks",
     "metric",
+    "metric_columns",
+    "metric_from_columns",
     "tokenize_pairs",
 ]

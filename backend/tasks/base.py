@@ -145,6 +145,26 @@ def metric(logits_last: Tensor, batch: PromptBatch) -> Tensor:
     raise InvalidParameterError(f"unknown metric kind {kind!r}; known: {', '.join(METRIC_KINDS)}")
 
 
+COLUMN_METRICS = ("logit_diff", "logit_diff_max")
+
+
+def metric_columns(batch: PromptBatch) -> Tensor | None:
+    """The vocabulary ids M reads, [N, 1 + D] (answer, then the distractors; -1 = padding), for
+    metrics that are logit differences; None for metrics that need the whole distribution."""
+    if batch.metric_kind not in COLUMN_METRICS:
+        return None
+    return torch.cat([batch.answer_ids[:, :1], batch.distractor_ids], dim=1)
+
+
+def metric_from_columns(values: Tensor, batch: PromptBatch) -> Tensor:
+    """M from the logits at ``metric_columns(batch)``: values [N, 1 + D] -> [N] (as ``metric``)."""
+    answer, wrong = values[:, 0], values[:, 1:]
+    if batch.metric_kind == "logit_diff":
+        return answer - wrong[:, 0]
+    valid = batch.distractor_ids.to(values.device) >= 0
+    return answer - wrong.masked_fill(~valid, float("-inf")).amax(dim=1)
+
+
 def pad_id_of(tokenizer: Any) -> int:
     """The id used for right padding: pad, else eos, else 0."""
     for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
