@@ -376,3 +376,43 @@ def test_a_sweep_holds_one_batch_of_runs_at_a_time(setup, monkeypatch):
               SweepConfig(methods=["fap", "fap-signal"], ks=[2, 50], batch_size=2, random_curve=False,
                           options={"fap-signal": {"gamma": 0.5}}), **KW)
     assert len(alive) == 2 * 3  # two passes over three batches (the second for FAP at round(K'))
+
+
+def test_synergy_below_float_resolution_counts_as_none():
+    from backend.circuits.selection.synergy import RESOLUTION, synergy
+    first, second = torch.tensor([1.0, 1.0, 0.5]), torch.tensor([2.0, 2.0, 0.25])
+    pair = torch.tensor([3.0 + 1e-7, 3.5, 0.75 - 0.1])  # noise, a real synergy, a real antagonism
+    assert synergy(pair, first, second).tolist() == pytest.approx([0.0, 0.5, -0.1])
+    assert RESOLUTION * 6 > 1e-7 * 3  # the noise of a float32 difference is well below the floor
+
+
+def test_synergy_kept_sets_do_not_depend_on_float_noise_in_the_effects(setup):
+    """Occurrences that do not interact (every pair effect is the sum of its singles) with nearly
+    equal |S|: effects carrying float32-sized relative noise, as another chunking or the prefix
+    cache gives, must leave the kept sets as they are (the synergy is 0, not the noise)."""
+    class Additive(type(_ctx(setup).attributor)):
+        def __init__(self, base, seed):
+            self.__dict__.update(base.__dict__)
+            self.gen = torch.Generator().manual_seed(seed)
+
+        def _jitter(self, values):
+            return values * (1 + 3e-7 * (2 * torch.rand(values.shape, generator=self.gen) - 1))
+
+        def single_effects(self, runs, members):
+            return self._jitter(torch.ones(len(members)))
+
+        def pair_effects(self, runs, first, second):
+            return self._jitter(torch.full((len(first),), 2.0))
+
+    method = METHODS["fap-synergy"]
+    options = method.options({"bp": 100})
+    kept = []
+    for seed in range(4):
+        ctx = _ctx(setup)
+        n = len(ctx.occ)
+        ctx.runs.fap = 1.0 + 1e-7 * torch.randperm(n, generator=torch.Generator().manual_seed(0)).float()
+        ctx.attributor = Additive(ctx.attributor, seed)
+        kept.append([method.select(ctx, k, options) for k in (6, 12)])
+    fap = [METHODS["fap"].select(ctx, k, {}) for k in (6, 12)]
+    for other in kept:
+        assert all(torch.equal(a, b) for a, b in zip(other, fap))  # no synergy: FAP's own order

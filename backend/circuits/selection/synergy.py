@@ -23,6 +23,14 @@ once h >= cap, so it can rerank nothing, and it kept only K-h+cap < K when h > c
 
 Single effects are cached across budgets; pairs are only run where both singles are positive;
 all single and pair variants of a batch go through the model together.
+
+**Float resolution.** An effect is a difference of two float32 forwards, so it carries noise of
+about 1e-7 of |M| whichever way the forwards are batched or cached. Where two occurrences do not
+interact, Syn(b, c) is that noise alone, and lambda * syn_z would then reorder candidates whose
+|S| are close by chance (how the variants were chunked decided the kept set). So a single effect
+counts as positive only above, and a synergy as non-zero only beyond, RESOLUTION times the
+magnitudes it is computed from (|M(x)|; |effect({b,c})| + |effect({b})| + |effect({c})|): below
+that the measurement cannot tell the sign, and the rule reads it as 0.
 """
 
 from __future__ import annotations
@@ -34,6 +42,8 @@ from torch import Tensor
 
 from backend.circuits.selection.base import SelectionContext, Strategy, segment_rank
 from backend.errors import InvalidParameterError
+
+RESOLUTION = 1e-5  # relative: effects and synergies within this of their inputs' size count as 0
 
 
 class FAPSynergy(Strategy):
@@ -75,22 +85,24 @@ class FAPSynergy(Strategy):
         singles_needed = torch.cat([torch.cat([p[1], p[2]]) for p in plans])
         ctx.single_effects(singles_needed)
         single = ctx.cache["single"]
+        floor = RESOLUTION * ctx.runs.clean_metric.abs()[occ.prompt]   # [n]: "> 0" beyond float noise
+        positive = single > floor
         # Pairs only where both single effects are positive: the others cannot count.
         firsts, seconds = [], []
         for _, cands, _, sampled, _ in plans:
             c = cands[:, None].expand_as(sampled)
-            ok = (single[sampled] > 0) & (single[c] > 0)
+            ok = positive[sampled] & positive[c]
             firsts.append(sampled[ok])
             seconds.append(c[ok])
         firsts_t, seconds_t = torch.cat(firsts), torch.cat(seconds)
         pair = self._pair_effects(ctx, firsts_t, seconds_t)
         for order, cands, partners, sampled, top_median in plans:
             c = cands[:, None].expand_as(sampled)
-            ok = (single[sampled] > 0) & (single[c] > 0)
+            ok = positive[sampled] & positive[c]
             syn = torch.full(sampled.shape, float("nan"), device=device)
             if ok.any():
                 keys = _pair_keys(sampled[ok], c[ok], len(occ))
-                syn[ok] = pair[keys] - single[sampled[ok]] - single[c[ok]]
+                syn[ok] = synergy(pair[keys], single[sampled[ok]], single[c[ok]])
             med = torch.nanmedian(syn, dim=1).values.nan_to_num(0.0).clamp_min(0.0)
             scale = single[partners].abs().median()
             syn_z = med / scale if scale > 0 else torch.zeros_like(med)
@@ -127,6 +139,13 @@ class FAPSynergy(Strategy):
             for i, v in zip(todo, values):
                 cache[keys[i]] = v
         return _PairLookup(cache)
+
+
+def synergy(pair: Tensor, first: Tensor, second: Tensor) -> Tensor:
+    """Syn = effect({b,c}) - effect({b}) - effect({c}), 0 within float resolution: [m] each -> [m]."""
+    raw = pair - first - second
+    noise = RESOLUTION * (pair.abs() + first.abs() + second.abs())
+    return torch.where(raw.abs() > noise, raw, torch.zeros_like(raw))
 
 
 def _pair_keys(first: Tensor, second: Tensor, n: int) -> Tensor:
