@@ -2,7 +2,7 @@
 
 `ensure_demo_clt` reuses a complete CLT, resumes an interrupted build from its checkpoint, or
 trains one (`backend.models.training.train_clt`) on the default corpus with `DEMO_CONFIG`,
-sized to finish within ~20 minutes on 2 CPU cores (harvest ~3 min, training ~15 min).
+sized to finish within ~20 minutes on 2 CPU cores (harvest ~3 min, training ~16 min).
 `long=True` trains `LONG_CONFIG` instead (more tokens and steps, better FVU; ~1 hour) into
 `clt-long/`. Harvested activations go to `models_cache/gemma-3-270m/activations/` while
 training and are deleted afterwards.
@@ -21,11 +21,12 @@ from backend.settings import Settings
 log = logging.getLogger(__name__)
 
 DEMO_MODEL = "gemma-3-270m"
-# Sized for 20 minutes on a quiet 2-core machine. Harvest: 72k tokens at ~575 tok/s (~2-3 min).
-# Training with bf16 matmuls (AMX) is ~2.2x cheaper per step than the float32 trainer (3.7 vs
-# 8.1 CPU-seconds per 1024-token step, bench/clt_train_speed.py), so ~2.4 s per step on two
-# quiet cores instead of 5.2: 360 steps (5 epochs) with AuxK reviving dead features, instead of
-# 180. On a CPU without fast bf16 the same config runs in float32 and takes about twice as long.
+# Sized for 20 minutes on two quiet cores. Harvest: 72k tokens at ~400 tok/s (~3 min). Training
+# with bf16 matmuls (AMX): ~2.5 s per 1024-token step (bench/clt_train_speed.py; the float32
+# trainer took 5.0), so 360 steps (5 epochs) in ~15-17 minutes. Measured on a fresh clone with a
+# helper's niced work beside it: 3.4 + 17.5 minutes, held-out FVU 0.220 (TopK 0.188), 187 of
+# 18,432 features dead (input centring keeps them alive; uncentred, 59% died). On a CPU without
+# fast bf16 the same config runs in float32 and takes about twice as long.
 DEMO_CONFIG = TrainConfig(features_per_layer=1024, k=32, tokens=72_000, heldout_tokens=4096,
                           steps=360, batch_size=1024, lr=3e-3, warmup_steps=10, seed=0,
                           checkpoint_every=25, eval_every=45, export_activation="jumprelu")
