@@ -313,3 +313,10 @@ def test_qwen_keep_all_and_remove_all():
     part, E = ctx.parts[0], ctx.graph.n_edges
     assert float(kl_divergence(part.clean_logits, circuit_logits(ctx, torch.ones(E))[0]).max()) < 1e-6
     torch.testing.assert_close(circuit_logits(ctx, torch.zeros(E))[0], part.corrupted_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_hap_on_eap_scores_shares_the_eap_method_scores_whatever_ig_steps_says():
+    hap, eap = get_edge_method("hap"), get_edge_method("eap")
+    assert hap.score_keys(hap.options({"ig_steps": 9})) == eap.score_keys(eap.options({}))
+    ig = hap.score_keys(hap.options({"scores": "eap-ig", "ig_steps": 9}))
+    assert ig == get_edge_method("eap-ig").score_keys(get_edge_method("eap-ig").options({"steps": 9}))

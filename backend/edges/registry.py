@@ -190,7 +190,8 @@ class HAP(EdgeMethod):
     def score_keys(self, opts):
         if opts["scores"] not in ("eap", "eap-ig"):
             raise InvalidParameterError("hap: scores must be 'eap' or 'eap-ig'")
-        return (ScoreKey(opts["scores"], opts["ig_steps"]),)
+        # EAP has no integration steps: ig_steps must not make a second, identical set of scores.
+        return (ScoreKey("eap-ig", opts["ig_steps"]) if opts["scores"] == "eap-ig" else ScoreKey("eap"),)
 
     def select(self, ctx, n_keep, opts):
         scores = cached_scores(ctx, *self.score_keys(opts))
