@@ -9,6 +9,7 @@ import torch
 
 from backend.circuits.attribution import Attributor
 from backend.circuits.evaluation import Evaluator, kl_divergence
+from backend.errors import InvalidParameterError
 from backend.hagd.feature_graph import build_feature_graph, pooled_occurrences
 from backend.hagd.hierarchy import build_hierarchy
 from backend.hagd.search import (_masked_logits, _MaskedRuns, ablation_score, coarse_to_fine, mask_search,
@@ -108,3 +109,37 @@ def test_pooled_occurrences_are_each_prompts_top_by_abs_fap():
     for b, kept in enumerate(pooled):
         scores = runs.fap[runs.occ.prompt == b].abs().sort(descending=True).values
         assert [abs(o.score) for o in kept] == pytest.approx(scores[:5].tolist())
+
+
+def test_abs_effect_is_the_per_prompt_change_and_does_not_cancel():
+    """abs_effect(S) = mean_n |M_clean - M_remove(S)| / span, computed here from the evaluator
+    directly; it bounds |necessity| from above, and two sets pulling M opposite ways keep their
+    magnitude together where necessity (signed) cancels."""
+    s = pie_setup("llama", n_prompts=5, n_features=16, n_layers=2)
+    attr = Attributor(s.adapter, s.transcoder)
+    runs = attr.prepare(s.batch)
+    ablation = FeatureAblation(attr, [runs])
+    singles = [c.view(1) for c in torch.unique(ablation.codes[0])]
+    effect, signed = ablation.abs_effect(singles), ablation.necessity(singles)
+    removed = [Evaluator(attr).evaluate(runs, [~torch.isin(ablation.codes[0], c)])[0].m_circuit for c in singles]
+    direct = [float((runs.clean_metric - m).abs().mean()) / ablation.span for m in removed]
+    np.testing.assert_allclose(effect, direct, rtol=1e-4, atol=1e-6)
+    assert np.all(effect >= np.abs(signed) - 1e-6)
+    every = torch.unique(ablation.codes[0])
+    full = float((runs.clean_metric - ablation.m_none).abs().mean()) / ablation.span
+    assert ablation.abs_effect([every])[0] == pytest.approx(full, rel=1e-4)
+    up, down = singles[int(np.argmax(signed))], singles[int(np.argmin(signed))]
+    assert signed.max() > 0 > signed.min()
+    pair = torch.cat([up, down])
+    assert ablation.abs_effect([pair])[0] > abs(ablation.necessity([pair])[0])
+
+
+def test_mask_search_metric_term_is_optional_and_both_find_the_planted_circuit():
+    s, attr, runs_list, planted = planted_setup()
+    ablation = FeatureAblation(attr, runs_list)
+    every = torch.unique(ablation.codes[0])
+    for weight in (0.0, 1.0):
+        found = mask_search(ablation, every, lam=0.2, steps=60, lr=0.3, seed=0, metric_weight=weight)
+        assert torch.equal(found.codes, planted)
+    with pytest.raises(InvalidParameterError, match="metric_weight"):
+        mask_search(ablation, every, metric_weight=-1.0)

@@ -46,18 +46,20 @@ class HagdConfig:
     pool: occurrences per prompt in the graph (top by |FAP|); ratio: coarsening per level; top:
     stop at this many clusters; threshold: a cluster is expanded when its |score| is at least
     this share of its level's; score: ablation | mass | scorer (the learned GNN, `scorer_path`);
-    lam, steps, lr: the mask search; verify_seeds x verify_n prompts for verification.
+    lam, steps, lr, metric_weight: the mask search (`search.mask_search`); verify_seeds x verify_n
+    prompts for verification.
     """
 
     pool: int = 50
     ratio: float = 4.0
     top: int = 5
-    threshold: float = 0.02
+    threshold: float = 0.002
     score: str = "ablation"
     scorer_path: str | None = None
     lam: float = 0.05
     steps: int = 150
     lr: float = 0.1
+    metric_weight: float = 1.0
     verify_seeds: int = 5
     verify_n: int | None = None
     seed: int = 0
@@ -212,7 +214,8 @@ def run_hagd(adapter: ModelAdapter, transcoder: Transcoder, task: Task, n: int, 
 
     t1 = time.perf_counter()
     progress(0.55, f"mask search over {len(survivors)} features")
-    found = mask_search(ablation, survivors, lam=config.lam, steps=config.steps, lr=config.lr, seed=config.seed)
+    found = mask_search(ablation, survivors, lam=config.lam, steps=config.steps, lr=config.lr, seed=config.seed,
+                        metric_weight=config.metric_weight)
     seconds["mask_search"] = time.perf_counter() - t1
 
     t1 = time.perf_counter()

@@ -78,6 +78,13 @@ class FeatureAblation:
         m = self.metric(feature_sets, keep=False).mean(1)
         return ((self.m_clean.mean() - m) / self.span).numpy()
 
+    def abs_effect(self, feature_sets: list[torch.Tensor]) -> np.ndarray:
+        """[S] mean over prompts of |M_clean - M_remove(S)|, over the span: how much removing each
+        set moves M on a prompt, whichever way. Unlike necessity, a set that raises M on some
+        prompts and lowers it on others (or holds members pulling both ways) does not cancel out."""
+        m = self.metric(feature_sets, keep=False)                                      # [S, N]
+        return ((self.m_clean[None] - m).abs().mean(1) / abs(self.span)).numpy()
+
 
 @dataclass
 class Verification:
