@@ -164,7 +164,8 @@ def main() -> None:
     parser.add_argument("--pools", default="5,10,20,40,80")
     parser.add_argument("--ioi-n", type=int, default=16, help="IOI prompts (graph, search and each verification set)")
     parser.add_argument("--ioi", action="store_true", help="also IOI on the demo model (needs its CLT)")
-    parser.add_argument("--skip", default="", help="comma-separated sections to skip: circuits,sweep,cost,scorer")
+    parser.add_argument("--skip", default="", help="comma-separated sections to skip: circuits,sweep,cost,scorer "
+                        "(modadd: the modadd circuits table only, e.g. with --ioi)")
     parser.add_argument("--out", help="write every table as JSON here")
     args = parser.parse_args()
     settings = Settings()
@@ -173,7 +174,8 @@ def main() -> None:
     out: dict = {}
     if "circuits" not in skip:
         print("\n## Circuits: sufficiency and necessity at equal size (mean ± std over prompt sets)\n")
-        out["modadd"] = circuits_table(settings, "modadd-113", "modadd-113/clt", "modadd", args.n, options)
+        if "modadd" not in skip:
+            out["modadd"] = circuits_table(settings, "modadd-113", "modadd-113/clt", "modadd", args.n, options)
         if args.ioi:
             out["ioi"] = circuits_table(settings, "gemma-3-270m", "gemma-3-270m/clt", "ioi", args.ioi_n, options)
     if "sweep" not in skip:
