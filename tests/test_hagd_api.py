@@ -7,6 +7,7 @@ from fastapi.testclient import TestClient
 
 from backend.api.app import create_app
 from backend.hagd.hierarchy import Hierarchy
+from backend.hagd.pipeline import HagdConfig
 from tests.api_fixtures import TINY_CLT, TINY_MODEL, api_settings, tiny_cache  # noqa: F401 (fixtures)
 from tests.test_api import wait_for
 
@@ -36,7 +37,7 @@ def test_hagd_job_stores_a_hierarchy_and_is_reused(client):
     Hierarchy.from_json(detail["result"]["hierarchy"]).check()
     assert detail["levels"] == detail["result"]["levels"] and detail["circuit_size"] == len(detail["result"]["circuit"])
     # Defaults are filled in before hashing: the same request spelled out is the same job.
-    again = client.post("/api/jobs", json=hagd_body(threshold=0.02))
+    again = client.post("/api/jobs", json=hagd_body(threshold=HagdConfig().threshold))
     assert again.status_code == 200 and again.json()["reused"] and again.json()["id"] == job["id"]
 
 
