@@ -407,11 +407,12 @@ class ModelAdapter:
         N*K*d work instead of N*V*d, for metrics that read a few logits (a logit difference);
         entries of ``columns`` < 0 are padding and give 0.
         """
-        rows = self.unembedding[columns.clamp(min=0)]                      # [N, K, d]
+        ids = columns.clamp(min=0)
+        rows = self.unembedding[ids]                                          # [N, K, d]
         logits = torch.einsum("nd,nkd->nk", hidden.to(rows.dtype), rows)
         head = self.model.get_output_embeddings()
         if getattr(head, "bias", None) is not None:
-            logits = logits + head.bias[columns.clamp(min=0)]
+            logits = logits + head.bias[ids]
         if self.softcap is not None:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits.masked_fill(columns < 0, 0.0)

@@ -117,6 +117,9 @@ def _masked_gather(values: Tensor, ids: Tensor, fill: float) -> Tensor:
     return torch.where(valid, picked, torch.full_like(picked, fill))
 
 
+COLUMN_METRICS = ("logit_diff", "logit_diff_max")
+
+
 def metric(logits_last: Tensor, batch: PromptBatch) -> Tensor:
     """M per prompt from the last-position logits [N, V] -> [N]; differentiable.
 
@@ -132,20 +135,15 @@ def metric(logits_last: Tensor, batch: PromptBatch) -> Tensor:
     kind = batch.metric_kind
     if kind == "logsumexp":
         return torch.logsumexp(logits_last, dim=-1)
+    if kind in COLUMN_METRICS:
+        return metric_from_columns(logits_last.gather(1, metric_columns(batch).to(logits_last.device).clamp(min=0)),
+                                   batch)
     answers = batch.answer_ids.to(logits_last.device)
     distractors = batch.distractor_ids.to(logits_last.device)
-    if kind == "logit_diff":
-        return logits_last.gather(1, answers[:, :1]).squeeze(1) - logits_last.gather(1, distractors[:, :1]).squeeze(1)
-    if kind == "logit_diff_max":
-        best_wrong = _masked_gather(logits_last, distractors, float("-inf")).amax(dim=1)
-        return logits_last.gather(1, answers[:, :1]).squeeze(1) - best_wrong
     if kind == "prob_diff":
         probs = logits_last.softmax(dim=-1)
         return _masked_gather(probs, answers, 0.0).sum(1) - _masked_gather(probs, distractors, 0.0).sum(1)
     raise InvalidParameterError(f"unknown metric kind {kind!r}; known: {', '.join(METRIC_KINDS)}")
-
-
-COLUMN_METRICS = ("logit_diff", "logit_diff_max")
 
 
 def metric_columns(batch: PromptBatch) -> Tensor | None:
