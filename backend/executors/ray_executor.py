@@ -55,6 +55,7 @@ Progress = Callable[[float, str], None]
 R = TypeVar("R")
 NAMESPACE = "piescope"
 POLL_SECONDS = 0.2  # how often the driver reports progress (and so notices a cancel) while it waits
+KILL_WAIT_SECONDS = 10.0  # how long closing a pool waits for Ray to confirm its actors are dead
 
 
 class ShardFailed(RuntimeError):
@@ -185,8 +186,18 @@ class RayShardPool:
         self.close()
 
     def close(self) -> None:
+        """Kill the actors and wait (briefly) until Ray reports them gone: `ray.kill` only sends the
+        order, and a task submitted before it lands would still run on the dying worker."""
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
+        deadline = time.monotonic() + KILL_WAIT_SECONDS
+        while self._alive() and time.monotonic() < deadline:
+            time.sleep(POLL_SECONDS / 4)
+
+    def _alive(self) -> list[str]:
+        """Names of this pool's actors Ray still lists as alive."""
+        return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                if a["namespace"] == NAMESPACE and a["name"].startswith(self.prefix)]
 
     def _get(self, ref: ray.ObjectRef, what: str) -> Any:
         """ray.get, with a shard's own UserError re-raised as itself and a dead worker explained."""
