@@ -92,6 +92,8 @@ def main() -> None:
                     help="ACDC searches on the first K of the N prompts (0: all); evaluated on all N")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
     ap.add_argument("--reference", action="store_true", help="the reference schedule (3000 steps, batch 32)")
+    ap.add_argument("--trace", type=int, default=0, metavar="K",
+                    help="print every K-th progress message (Edge Pruning / HAP steps) to stderr")
     ap.add_argument("--out", default="artifacts/bench/hap_vs_ep.json")
     args = ap.parse_args()
     if args.threads:
@@ -100,6 +102,14 @@ def main() -> None:
     adapter = load_model(DEMO_MODEL, Settings())
     batch = get_task("ioi").build(adapter.tokenizer, args.n, seed=0)
     ctx = EdgeContext.create(adapter, batch, batch_size=16)
+    if args.trace:
+        seen = [0]
+
+        def trace(fraction: float, message: str) -> None:
+            seen[0] += 1
+            if seen[0] % args.trace == 0:
+                print(f"   {message}", file=sys.stderr, flush=True)
+        ctx.progress = trace
     E = ctx.graph.n_edges
     t0 = time.perf_counter()
     ctx.parts  # the shared clean and corrupted runs, outside every method's timing

@@ -143,3 +143,23 @@ def test_mask_search_metric_term_is_optional_and_both_find_the_planted_circuit()
         assert torch.equal(found.codes, planted)
     with pytest.raises(InvalidParameterError, match="metric_weight"):
         mask_search(ablation, every, metric_weight=-1.0)
+
+
+def test_scorer_labels_are_the_exact_search_scores_and_its_baseline_the_mass_score():
+    """The learned scorer stands in for `ablation_score`, so it learns exactly what that ranks by
+    (the unsigned effect), and is compared against `mass_score` (the unsigned mass)."""
+    from backend.hagd.scorer import level_samples
+    s = pie_setup("llama", n_prompts=4, n_features=16, n_layers=2)
+    attr = Attributor(s.adapter, s.transcoder)
+    runs = attr.prepare(s.batch)
+    ablation = FeatureAblation(attr, [runs])
+    graph = build_feature_graph(attr, [runs], pool=10 ** 6)
+    hierarchy = build_hierarchy(graph.symmetric_weights(), ratio=3.0, top=2, seed=0)
+    samples = level_samples("t", graph, hierarchy, ablation, n_layers=2)
+    assert samples and [x.level for x in samples] == list(range(1, len(hierarchy.levels)))
+    exact, mass = ablation_score(graph, ablation), mass_score(graph)
+    for x in samples:
+        clusters = hierarchy.levels[x.level]
+        np.testing.assert_allclose(x.y.numpy(), exact(clusters), rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(x.mass.numpy(), mass(clusters), rtol=1e-5, atol=1e-7)
+        assert (x.y >= 0).all() and (x.mass >= 0).all()

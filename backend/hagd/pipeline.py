@@ -257,7 +257,7 @@ def equal_size_baselines(runs_list: list[PromptRuns], n_features: int, k: int, s
 def scorer_samples(adapter: ModelAdapter, transcoder: Transcoder, task: Task, n: int, config: HagdConfig,
                    label: str, progress: Progress | None = None):
     """Training samples for the learned scorer: every level of this task's hierarchy with the
-    true necessity of every cluster (`scorer.level_samples`)."""
+    true ablation effect of every cluster (`scorer.level_samples`)."""
     from backend.hagd.scorer import level_samples
     attr = Attributor(adapter, transcoder, config.corruption, config.grad)
     runs_list = _prepare(attr, task.build(adapter.tokenizer, n, seed=config.seed), config.batch_size)

@@ -4,7 +4,9 @@ cluster's ablation effect from its statistics, trained across tasks and models.
 Samples: every level (>= 1) of a task's hierarchy is one graph. Its nodes are the clusters of
 that level, with the features of `cluster_features`; its edges are the coarsened symmetric
 |adjacency|, normalised as D^-1/2 (A + I) D^-1/2; each node's label is the cluster's true
-necessity (the share of M lost removing only it, `FeatureAblation.necessity`).
+ablation effect, the mean per-prompt |change of M| removing only it over the span
+(`FeatureAblation.abs_effect`): the quantity the exact search ranks clusters by, so the scorer
+stands in for it. Its baseline is the unsigned attribution mass (`search.mass_score`).
 
 Model: two rounds of message passing h <- relu(W_self h + W_nbr A_hat h), then a linear read-out,
 trained by Adam on the mean squared error. Plain PyTorch rather than PyTorch Geometric: the
@@ -32,7 +34,7 @@ from torch import Tensor, nn
 from backend.errors import NotFoundError, UserError
 from backend.hagd.feature_graph import FeatureGraph
 from backend.hagd.hierarchy import Cluster, Hierarchy, coarsen
-from backend.hagd.search import ClusterScore, cluster_codes
+from backend.hagd.search import ClusterScore, cluster_codes, mass_score
 from backend.hagd.verify import FeatureAblation
 
 FEATURE_NAMES = ("log_size", "feature_share", "layer_lo", "layer_hi", "layer_span", "mass", "abs_mass",
@@ -41,7 +43,8 @@ FEATURE_NAMES = ("log_size", "feature_share", "layer_lo", "layer_hi", "layer_spa
 
 @dataclass
 class LevelSample:
-    """One level of one task's hierarchy: x [k, f], a_hat [k, k], y [k] true necessity, mass [k]."""
+    """One level of one task's hierarchy: x [k, f], a_hat [k, k], y [k] true ablation effect
+    (`FeatureAblation.abs_effect`), mass [k] unsigned attribution mass."""
 
     task: str
     level: int
@@ -85,15 +88,15 @@ def level_adjacency(graph: FeatureGraph, hierarchy: Hierarchy, level: int) -> Te
 
 def level_samples(task: str, graph: FeatureGraph, hierarchy: Hierarchy, ablation: FeatureAblation,
                   n_layers: int) -> list[LevelSample]:
-    """Every level >= 1 with its clusters' true necessity (all clusters in one batched call)."""
+    """Every level >= 1 with its clusters' true ablation effect (all clusters in one batched call)."""
     levels = range(1, len(hierarchy.levels))
     clusters = [c for l in levels for c in hierarchy.levels[l]]
-    effects = ablation.necessity([cluster_codes(graph, c, ablation.F) for c in clusters]) if clusters else []
-    total = float(graph.fap.sum()) or 1.0
+    effects = ablation.abs_effect([cluster_codes(graph, c, ablation.F) for c in clusters]) if clusters else []
+    mass_of = mass_score(graph)
     out, start = [], 0
     for l in levels:
         k = len(hierarchy.levels[l])
-        mass = torch.tensor([graph.fap[c.members].sum() / total for c in hierarchy.levels[l]], dtype=torch.float32)
+        mass = torch.tensor(mass_of(hierarchy.levels[l]), dtype=torch.float32)
         out.append(LevelSample(task, l, cluster_features(graph, hierarchy, l, n_layers),
                                level_adjacency(graph, hierarchy, l),
                                torch.tensor(np.asarray(effects[start:start + k]), dtype=torch.float32), mass))
@@ -190,7 +193,7 @@ class Scorer:
                 "mass_heldout_spearman": float(np.mean(mass)) if mass else None}
 
     def score_fn(self, graph: FeatureGraph, hierarchy: Hierarchy, n_layers: int | None = None) -> ClusterScore:
-        """Predicted necessity of clusters (each level predicted once, on its whole graph)."""
+        """Predicted ablation effect of clusters (each level predicted once, on its whole graph)."""
         layers = n_layers or max(int(graph.layer.max()) + 1, 1)
         cache: dict[int, np.ndarray] = {}
 
