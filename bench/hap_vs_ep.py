@@ -85,6 +85,8 @@ def main() -> None:
     ap.add_argument("--epsilon", type=float, default=2e-3)
     ap.add_argument("--init", type=float, default=10.0,
                     help="Edge Pruning / HAP initial log alpha (10: the reference's, saturated for short runs)")
+    ap.add_argument("--lambda-lr", type=float, default=8.0,
+                    help="Edge Pruning / HAP: the lambdas' ascent rate (CPU schedule, plain SGD)")
     ap.add_argument("--rho", type=float, default=0.15, help="HAP's retained fraction of edges")
     ap.add_argument("--acdc-pool", type=int, default=400, help="ACDC searches the top edges by |EAP|; 0: all")
     ap.add_argument("--acdc-n-tau", type=int, default=3)
@@ -119,7 +121,7 @@ def main() -> None:
                                                        "batch_size": args.prune_batch, "window": args.window}
     schedule.update(epsilon=args.epsilon, init=args.init, lr=0.8,
                     **({"lambda_optimizer": "adam", "lambda_lr": 0.8} if args.reference else
-                       {"lambda_optimizer": "sgd", "lambda_lr": 8.0}))
+                       {"lambda_optimizer": "sgd", "lambda_lr": args.lambda_lr}))
     print(f"Edge Pruning / HAP schedule: {schedule}" + ("" if args.reference else
           " (scaled down from the reference 3000 steps, batch 32, 2500 warm-up: 2 loaded CPU cores)"))
 
