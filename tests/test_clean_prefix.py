@@ -74,6 +74,40 @@ def test_removal_metrics_with_and_without_the_prefix_cache_agree(arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+def test_pairs_from_their_earlier_members_single_removal_equal_the_full_forward(arch):
+    """A pair {e, l} runs from pos(l) on the keys and values kept from removing e alone: the same
+    effects as a full forward, fewer tokens than from pos(e), and retain keeps only what it names."""
+    s, batch = _setups(arch)
+    gen = torch.Generator().manual_seed(1)
+    effects, tokens = {}, {}
+    for mode in ("plain", "clean", "singles"):
+        attr = Attributor(s.adapter, s.transcoder, "zero", max_rows=5, prefix_cache=mode != "plain")
+        runs = attr.prepare(batch)
+        occ = runs.occ
+        if mode == "plain":
+            first = torch.randint(0, len(occ), (120,), generator=gen)
+            same = [torch.nonzero(occ.prompt == occ.prompt[i], as_tuple=True)[0] for i in first.tolist()]
+            second = torch.stack([ids[torch.randint(0, len(ids), (1,), generator=gen)][0] for ids in same])
+            kept_singles = torch.unique(torch.cat([first[::2], second[1::2]]))
+        attr.single_effects(runs, kept_singles, keep_prefixes=mode == "singles")
+        if mode == "singles":
+            store = runs.prefixes
+            assert bool((store.source_of[kept_singles] >= batch.clean_ids.shape[0]).all())
+        before = runs.counters["tokens_forwarded"]
+        effects[mode] = attr.pair_effects(runs, first, second)
+        tokens[mode] = runs.counters["tokens_forwarded"] - before
+    torch.testing.assert_close(effects["singles"], effects["plain"], rtol=0, atol=1e-5)
+    torch.testing.assert_close(effects["clean"], effects["plain"], rtol=0, atol=1e-5)
+    assert tokens["singles"] < tokens["clean"] < tokens["plain"]
+    # retain: only the named occurrences keep a source, and pairs from them are still exact.
+    named = kept_singles[:7]
+    store.retain(named)
+    assert bool((store.source_of[named] >= 0).all()) and int((store.source_of >= 0).sum()) == len(named)
+    attr_again = effects["singles"]
+    torch.testing.assert_close(attr.pair_effects(runs, first, second), attr_again, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 def test_fap_synergy_keeps_the_same_sets_with_and_without_the_prefix_cache(arch):
     s = pie_setup(arch, n_prompts=4)
     strategy = METHODS["fap-synergy"]

@@ -398,7 +398,7 @@ def test_synergy_kept_sets_do_not_depend_on_float_noise_in_the_effects(setup):
         def _jitter(self, values):
             return values * (1 + 3e-7 * (2 * torch.rand(values.shape, generator=self.gen) - 1))
 
-        def single_effects(self, runs, members):
+        def single_effects(self, runs, members, keep_prefixes=False):
             return self._jitter(torch.ones(len(members)))
 
         def pair_effects(self, runs, first, second):

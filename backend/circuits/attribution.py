@@ -15,8 +15,9 @@ from typing import Literal
 
 import torch
 from torch import Tensor
+from transformers import DynamicCache
 
-from backend.circuits.clean_prefix import CleanPrefix, first_patched
+from backend.circuits.clean_prefix import PrefixStore, first_patched
 from backend.circuits.occurrences import (Occurrences, collect_occurrences, decoder_norms,
                                           decoder_projection, variant_patch)
 from backend.errors import InvalidParameterError
@@ -50,7 +51,7 @@ class PromptRuns:
     m_none: Tensor | None = None  # M with every occurrence removed, once evaluated
     none_kl: Tensor | None = None  # KL(clean || every occurrence removed), from the same forward
     all_writes: Tensor | None = None  # [L, B, T, d] sum of every Delta-write, once needed
-    clean_prefix: CleanPrefix | None = None  # the clean keys and values, once a prefix-cached variant needs them
+    prefixes: PrefixStore | None = None  # clean (and kept single-removal) keys and values, once needed
     counters: dict[str, int] = field(default_factory=lambda: {"patched_forwards": 0, "tokens_forwarded": 0})
 
     def __len__(self) -> int:
@@ -115,21 +116,31 @@ class Attributor:
                           clean_hidden=None)
 
     @torch.no_grad()
-    def removal_metrics(self, runs: PromptRuns, variant_prompt: Tensor, variant: Tensor,
-                        members: Tensor) -> Tensor:
+    def removal_metrics(self, runs: PromptRuns, variant_prompt: Tensor, variant: Tensor, members: Tensor, *,
+                        sources: Tensor | None = None, start_pos: Tensor | None = None,
+                        keep: Tensor | None = None) -> Tensor:
         """M of clean prompts with sets of occurrences removed, many sets per forward: [V].
 
         variant_prompt: [V] the prompt (batch row) of each variant; (variant, members): [m] pairs
         saying which occurrences each variant removes. Variants run max_rows at a time, sorted by
-        (prompt length, first patched position p_v); each chunk is cut to its longest prompt (no
-        forward over padding) and, with the prefix cache, starts at p_chunk = min p_v: positions
-        before it are the clean run's (see clean_prefix), so only [p_chunk, width) is forwarded.
+        (prompt length, start position p_v); each chunk is cut to its longest prompt (no forward
+        over padding) and, with the prefix cache, starts at p_chunk = min p_v: positions before it
+        come from each row's source in the prefix store (see clean_prefix), so only
+        [p_chunk, width) is forwarded, and members before p_chunk (inside the source's prefix) are
+        not patched again. By default a variant starts at its first patched position from its
+        prompt's clean run; ``sources`` [V] and ``start_pos`` [V] name another source whose keys
+        and values equal the variant's below start_pos. keep: [V] (single removals) store each
+        variant's keys and values as the source of that occurrence.
         """
         out = torch.empty(len(variant_prompt), device=self.device)
         last = runs.batch.last_pos[variant_prompt]
         length = last + 1
-        start_pos = (first_patched(runs.occ, len(variant_prompt), variant, members, last) if self.prefix_cache
-                     else torch.zeros_like(last))
+        if not self.prefix_cache:
+            start_pos, sources, keep = torch.zeros_like(last), None, None
+        elif start_pos is None:
+            start_pos = first_patched(runs.occ, len(variant_prompt), variant, members, last)
+        if sources is None:
+            sources = variant_prompt
         span = int(length.max()) + 1 if len(length) else 1
         order = torch.argsort(length * span + start_pos, stable=True)
         rank = torch.empty_like(order)
@@ -138,38 +149,63 @@ class Attributor:
         by_rank = torch.argsort(member_rank, stable=True)
         member_rank, members = member_rank[by_rank], members[by_rank]
         bounds = torch.searchsorted(member_rank, torch.arange(len(order) + 1, device=order.device))
+        kept: list[tuple[DynamicCache, Tensor]] = []
         for start in range(0, len(order), self.max_rows):
             stop = min(start + self.max_rows, len(order))
             chunk = order[start:stop]
             width, p = int(length[chunk].max()), int(start_pos[chunk].min())
             lo, hi = int(bounds[start]), int(bounds[stop])
-            patch = variant_patch(self.tc, runs.occ, member_rank[lo:hi] - start, members[lo:hi], width, start=p)
+            rank_in, inside = member_rank[lo:hi] - start, members[lo:hi]
+            if p > 0:
+                after = runs.occ.pos[inside] >= p
+                rank_in, inside = rank_in[after], inside[after]
+            patch = variant_patch(self.tc, runs.occ, rank_in, inside, width, start=p)
             rows = batch_rows(runs.batch, variant_prompt[chunk])
-            cache = self._clean_prefix(runs).gather(variant_prompt[chunk], p) if p > 0 else None
+            cache = self._prefixes(runs).gather(sources[chunk], p) if p > 0 else None
+            if keep is not None and cache is None:
+                cache = DynamicCache()
             columns = metric_columns(rows)  # a logit difference reads 2 of V logits: unembed only those
             logits = self.adapter.run(rows.clean_ids[:, p:width], rows.attention_mask[:, :width],
                                       last_pos=rows.last_pos - p, patch=patch, cache=cache, columns=columns).logits
             out[chunk] = metric(logits, rows) if columns is None else metric_from_columns(logits, rows)
+            if keep is not None:
+                kept.append((cache, keep[chunk]))
             runs.counters["patched_forwards"] += stop - start
             runs.counters["tokens_forwarded"] += (stop - start) * (width - p)
+        if kept:
+            self._prefixes(runs).add(keep, kept)
         return out
 
-    def _clean_prefix(self, runs: PromptRuns) -> CleanPrefix:
-        """The batch's clean keys and values, from one clean forward the first time they are needed."""
-        if runs.clean_prefix is None:
-            runs.clean_prefix = CleanPrefix.of(self.adapter, runs.batch.clean_ids, runs.batch.attention_mask)
+    def _prefixes(self, runs: PromptRuns) -> PrefixStore:
+        """The batch's prefix store, from one clean forward the first time it is needed."""
+        if runs.prefixes is None:
+            runs.prefixes = PrefixStore.of(self.adapter, runs.batch.clean_ids, runs.batch.attention_mask, len(runs.occ))
             runs.counters["tokens_forwarded"] += runs.batch.clean_ids.numel()
-        return runs.clean_prefix
+        return runs.prefixes
 
-    def single_effects(self, runs: PromptRuns, members: Tensor) -> Tensor:
-        """effect({o}) = M(x) - M(x without o) for each occurrence id in ``members``: [m]."""
+    def single_effects(self, runs: PromptRuns, members: Tensor, keep_prefixes: bool = False) -> Tensor:
+        """effect({o}) = M(x) - M(x without o) for each occurrence id in ``members``: [m].
+        keep_prefixes: store each removal's keys and values (pairs starting from them later)."""
         variant = torch.arange(len(members), device=members.device)
         prompts = runs.occ.prompt[members]
-        return runs.clean_metric[prompts] - self.removal_metrics(runs, prompts, variant, members)
+        return runs.clean_metric[prompts] - self.removal_metrics(runs, prompts, variant, members,
+                                                                 keep=members if keep_prefixes else None)
 
     def pair_effects(self, runs: PromptRuns, first: Tensor, second: Tensor) -> Tensor:
-        """effect({b, c}) for pairs of occurrences of the same prompt: [m]."""
+        """effect({b, c}) for pairs of occurrences of the same prompt: [m].
+
+        A pair whose earlier member's single removal is in the prefix store runs from its later
+        position on that removal's keys and values; the others from the earlier position."""
         m = len(first)
         variant = torch.arange(m, device=first.device).repeat(2)
         prompts = runs.occ.prompt[first]
-        return runs.clean_metric[prompts] - self.removal_metrics(runs, prompts, variant, torch.cat([first, second]))
+        sources = start = None
+        if self.prefix_cache and runs.prefixes is not None:
+            pos_a, pos_b = runs.occ.pos[first], runs.occ.pos[second]
+            earlier = torch.where(pos_a <= pos_b, first, second)
+            src = runs.prefixes.source_of[earlier]
+            has = src >= 0
+            sources = torch.where(has, src, prompts)
+            start = torch.where(has, torch.maximum(pos_a, pos_b), torch.minimum(pos_a, pos_b)).to(prompts.dtype)
+        return runs.clean_metric[prompts] - self.removal_metrics(runs, prompts, variant, torch.cat([first, second]),
+                                                                 sources=sources, start_pos=start)

@@ -42,14 +42,15 @@ class SelectionContext:
         key = repr((self.seed, self.runs.offset + prompt, salt)).encode()
         return torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:8], "little"))
 
-    def single_effects(self, ids: Tensor) -> Tensor:
-        """Exact effect({o}) for occurrence ids, computing only the ones not cached: [m]."""
+    def single_effects(self, ids: Tensor, keep_prefixes: bool = False) -> Tensor:
+        """Exact effect({o}) for occurrence ids, computing only the ones not cached: [m].
+        keep_prefixes: keep the computed removals' keys and values for pairs (FAP-Synergy)."""
         cache = self.cache.get("single")
         if cache is None:
             cache = self.cache["single"] = torch.full((len(self.occ),), float("nan"), device=self.occ.delta.device)
         missing = torch.unique(ids[torch.isnan(cache[ids])])
         if len(missing):
-            cache[missing] = self.attributor.single_effects(self.runs, missing)
+            cache[missing] = self.attributor.single_effects(self.runs, missing, keep_prefixes)
         return cache[ids]
 
 

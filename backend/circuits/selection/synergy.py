@@ -22,7 +22,9 @@ at its lower end instead (ranks [K-h, K-h+cap), the earlier rule) lies inside FA
 once h >= cap, so it can rerank nothing, and it kept only K-h+cap < K when h > cap.
 
 Single effects are cached across budgets; pairs are only run where both singles are positive;
-all single and pair variants of a batch go through the model together.
+all single and pair variants of a batch go through the model together. A pair runs from its later
+member's position on the keys and values of its earlier member's single removal (kept for this
+budget's candidates and for every occurrence that can be a partner, see clean_prefix).
 
 **Float resolution.** An effect is a difference of two float32 forwards, so it carries noise of
 about 1e-7 of |M| whichever way the forwards are batched or cached. Where two occurrences do not
@@ -85,7 +87,7 @@ class FAPSynergy(Strategy):
         if not plans:
             return kept
         singles_needed = torch.cat([torch.cat([p[1], p[2]]) for p in plans])
-        ctx.single_effects(singles_needed)
+        ctx.single_effects(singles_needed, keep_prefixes=True)
         single = ctx.cache["single"]
         floor = RESOLUTION * ctx.runs.clean_metric.abs()[occ.prompt]   # [n]: "> 0" beyond float noise
         positive = single > floor
@@ -111,6 +113,9 @@ class FAPSynergy(Strategy):
             boosted = score[cands] / top_median.clamp_min(1e-12) + lam * syn_z
             best = cands[torch.argsort(boosted, descending=True, stable=True)[:s]]
             kept[best] = True
+        if ctx.runs.prefixes is not None:
+            # Only occurrences that can be a later budget's partners keep their removal's cache.
+            ctx.runs.prefixes.retain(torch.nonzero(rank < n_partners, as_tuple=True)[0])
         return kept
 
     @staticmethod
