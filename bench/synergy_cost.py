@@ -1,12 +1,14 @@
-"""FAP-Synergy on the demo with and without the clean prefix cache: time, forwards, tokens, kept sets.
+"""FAP-Synergy on the demo with and without the prefix cache: time, forwards, tokens, kept sets.
 
     flock /work/bench.lock nice -n 0 env OMP_NUM_THREADS=2 .venv/bin/python bench/synergy_cost.py   # N=20
 
 Runs FAP-Synergy's five budgets on IOI exactly as a sweep does (each batch prepared once, single
 effects shared across budgets, every budget's kept set evaluated), once with removal variants
-forwarded over the whole prompt and once from their first patched position on the clean keys
-and values. Prints Markdown tables and writes artifacts/bench/synergy_cost.json. Target (issue
-16): the five budgets in at most half the time, with identical kept sets.
+forwarded over the whole prompt and once with the prefix store: singles from their first patched
+position on the clean keys and values, pairs from their later member's position on the keys and
+values of the earlier member's single removal. Prints Markdown tables and writes
+artifacts/bench/synergy_cost.json. Target (issue 16): the five budgets in at most half the time,
+with identical kept sets.
 """
 
 from __future__ import annotations

@@ -173,7 +173,7 @@ class Attributor:
             runs.counters["patched_forwards"] += stop - start
             runs.counters["tokens_forwarded"] += (stop - start) * (width - p)
         if kept:
-            self._prefixes(runs).add(keep, kept)
+            self._prefixes(runs).add(kept)
         return out
 
     def _prefixes(self, runs: PromptRuns) -> PrefixStore:

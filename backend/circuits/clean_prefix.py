@@ -29,13 +29,16 @@ from transformers import DynamicCache
 from backend.circuits.occurrences import Occurrences
 from backend.models.adapters import ModelAdapter
 
+MAX_BYTES = 2 << 30  # the kept single removals' keys and values at most (per batch)
+
 
 class PrefixStore:
     """Blocks of per-layer keys and values [n, Hkv, T, dh] (T the batch's width), addressed by
     source: sources 0..B-1 the clean prompts, later ones single-removal variants."""
 
-    def __init__(self, keys: list[Tensor], values: list[Tensor], n_occ: int) -> None:
+    def __init__(self, keys: list[Tensor], values: list[Tensor], n_occ: int, max_bytes: int = MAX_BYTES) -> None:
         B, device = keys[0].shape[0], keys[0].device
+        self.max_bytes = max_bytes  # kept single removals beyond this are not stored (pairs then start earlier)
         self.width = keys[0].shape[2]
         self.blocks: list[tuple[list[Tensor], list[Tensor]]] = [(keys, values)]
         self.block_of = torch.zeros(B, dtype=torch.long, device=device)   # [S] each source's block
@@ -44,11 +47,18 @@ class PrefixStore:
 
     @classmethod
     @torch.no_grad()
-    def of(cls, adapter: ModelAdapter, ids: Tensor, mask: Tensor, n_occ: int) -> PrefixStore:
+    def of(cls, adapter: ModelAdapter, ids: Tensor, mask: Tensor, n_occ: int, max_bytes: int = MAX_BYTES) -> PrefixStore:
         """One clean forward of ids [B, T] (right-padded, mask [B, T]) keeping its keys and values."""
         cache = DynamicCache()
         adapter.forward_with([], ids, mask, cache=cache)
-        return cls([layer.keys for layer in cache.layers], [layer.values for layer in cache.layers], n_occ)
+        return cls([layer.keys for layer in cache.layers], [layer.values for layer in cache.layers], n_occ, max_bytes)
+
+    def row_bytes(self) -> int:
+        """Bytes one source takes (keys and values of every layer)."""
+        return sum(2 * k[0].numel() * k.element_size() for k in self.blocks[0][0])
+
+    def n_kept(self) -> int:
+        return len(self.block_of) - int((self.block_of == 0).sum())
 
     def gather(self, sources: Tensor, p: int) -> DynamicCache:
         """A cache holding positions [0, p) of each row's source (sources [R])."""
@@ -70,15 +80,26 @@ class PrefixStore:
             data.append(tuple(kv))
         return DynamicCache(ddp_cache_data=data)
 
-    def add(self, occurrences: Tensor, caches: list[tuple[DynamicCache, Tensor]]) -> None:
-        """Keep the keys and values of single-removal runs: ``caches`` lists (cache after a chunk's
-        forward [R, Hkv, width, dh] per layer, the occurrence removed in each row [R])."""
+    def add(self, given: list[tuple[DynamicCache, Tensor]]) -> None:
+        """Keep the keys and values of single-removal runs: ``given`` lists (cache after a chunk's
+        forward [R, Hkv, width, dh] per layer, the occurrence removed in each row [R]); rows
+        beyond ``max_bytes`` are not kept."""
+        room = self.max_bytes // self.row_bytes() - self.n_kept()
+        caches, left = [], room
+        for cache, occ in given:
+            if left <= 0:
+                break
+            caches.append((cache, occ[:left]))
+            left -= len(occ)
         if not caches:
             return
         n_layers = len(caches[0][0].layers)
-        pad = lambda t: F.pad(t, (0, 0, 0, self.width - t.shape[2]))  # noqa: E731  [R, Hkv, T, dh]
-        keys = [torch.cat([pad(c.layers[l].keys) for c, _ in caches]) for l in range(n_layers)]
-        values = [torch.cat([pad(c.layers[l].values) for c, _ in caches]) for l in range(n_layers)]
+
+        def stack(which: str, layer: int) -> Tensor:  # [R, Hkv, T, dh], padded to the batch's width
+            parts = [getattr(c.layers[layer], which)[:len(o)] for c, o in caches]
+            return torch.cat([F.pad(t, (0, 0, 0, self.width - t.shape[2])) for t in parts])
+        keys = [stack("keys", layer) for layer in range(n_layers)]
+        values = [stack("values", layer) for layer in range(n_layers)]
         occ = torch.cat([o for _, o in caches])
         self._append(occ, keys, values)
 
