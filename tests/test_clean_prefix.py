@@ -13,7 +13,7 @@ import dataclasses
 import pytest
 import torch
 
-from backend.circuits.attribution import Attributor
+from backend.circuits.attribution import Attributor, plan_chunks
 from backend.circuits.clean_prefix import first_patched
 from backend.circuits.evaluation import Evaluator
 from backend.circuits.selection import METHODS, SelectionContext
@@ -156,3 +156,25 @@ def test_metric_from_a_few_logit_columns_equals_the_full_metric(arch, kind):
     assert cols.shape == (len(batch), batch.distractor_ids.shape[1] + 1)
     assert torch.allclose(metric_from_columns(cols, batch), metric(full, batch), atol=1e-5, rtol=1e-5)
     assert metric_columns(dataclasses.replace(batch, metric_kind="prob_diff")) is None
+
+
+def test_plan_chunks_is_the_cheapest_contiguous_cut():
+    """The dynamic programme's cut costs exactly the minimum over every contiguous cut into chunks
+    of at most max_rows (brute force on small random inputs), and covers every variant once."""
+    import itertools
+    gen = torch.Generator().manual_seed(3)
+
+    def cost(cuts, length, start, overhead):
+        return sum((j - i) * (max(length[i:j]) - min(start[i:j])) + overhead for i, j in zip(cuts[:-1], cuts[1:]))
+
+    for _ in range(40):
+        n = int(torch.randint(1, 9, (1,), generator=gen))
+        start = sorted(torch.randint(0, 10, (n,), generator=gen).tolist())
+        length = [s + int(torch.randint(1, 8, (1,), generator=gen)) for s in start]
+        max_rows, overhead = int(torch.randint(1, 5, (1,), generator=gen)), int(torch.randint(0, 12, (1,), generator=gen))
+        cuts = plan_chunks(length, start, max_rows, overhead)
+        assert cuts[0] == 0 and cuts[-1] == n and all(0 < j - i <= max_rows for i, j in zip(cuts[:-1], cuts[1:]))
+        best = min(cost([0, *inner, n], length, start, overhead)
+                   for r in range(n) for inner in itertools.combinations(range(1, n), r)
+                   if all(0 < j - i <= max_rows for i, j in zip([0, *inner], [*inner, n])))
+        assert cost(cuts, length, start, overhead) == best
