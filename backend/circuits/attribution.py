@@ -155,10 +155,10 @@ class Attributor:
         chunk is cut to its longest prompt (no forward over padding) and, with the prefix cache,
         starts at p_chunk = min p_v: positions before it come from each row's source in the prefix
         store (see clean_prefix), so only [p_chunk, width) is forwarded, and members before p_chunk
-        (inside the source's prefix) are not patched again. By default a variant starts at its first patched position from its
-        prompt's clean run; ``sources`` [V] and ``start_pos`` [V] name another source whose keys
-        and values equal the variant's below start_pos. keep: [V] (single removals) store each
-        variant's keys and values as the source of that occurrence.
+        (inside the source's prefix) are not patched again. By default a variant starts at its
+        first patched position from its prompt's clean run; ``sources`` [V] and ``start_pos`` [V]
+        name another source whose keys and values equal the variant's below start_pos. keep: [V]
+        (single removals) store each variant's keys and values as the source of that occurrence.
         """
         out = torch.empty(len(variant_prompt), device=self.device)
         last = runs.batch.last_pos[variant_prompt]
