@@ -110,7 +110,6 @@ class Attributor:
         self.corruption, self.grad = corruption, grad
         self.max_rows = max_rows  # prompt rows per patched forward
         self.prefix_cache = prefix_cache  # removal variants run from their first patched position
-        self.overhead_tokens = OVERHEAD_TOKENS
 
     @property
     def device(self) -> torch.device:
@@ -178,7 +177,7 @@ class Attributor:
         member_rank, members = member_rank[by_rank], members[by_rank]
         bounds = torch.searchsorted(member_rank, torch.arange(len(order) + 1, device=order.device))
         kept: list[tuple[DynamicCache, Tensor]] = []
-        cuts = plan_chunks(length[order].tolist(), start_pos[order].tolist(), self.max_rows, self.overhead_tokens)
+        cuts = plan_chunks(length[order].tolist(), start_pos[order].tolist(), self.max_rows, OVERHEAD_TOKENS)
         for start, stop in zip(cuts[:-1], cuts[1:]):
             chunk = order[start:stop]
             width, p = int(length[chunk].max()), int(start_pos[chunk].min())
