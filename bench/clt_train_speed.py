@@ -18,25 +18,26 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import backend  # noqa: E402,F401  (before torch: it turns on huge-page allocations, as the CLI does)
+import torch  # noqa: E402
 
 from backend.models import training  # noqa: E402
 
 
-def _config(args, precision: str, batch: int, aux: bool):
+def _config(args, precision: str, batch: int, aux: bool, backward: str):
     names = {f.name for f in fields(training.TrainConfig)}
     base = dict(features_per_layer=args.features, k=args.k, tokens=max(batch, 4096), batch_size=batch)
     if "precision" in names:
-        base.update(precision=precision, aux_coef=(1 / 32) if aux else 0.0)
+        base.update(precision=precision, aux_coef=(1 / 32) if aux else 0.0, decoder_backward=backward)
     return training.TrainConfig(**base)
 
 
-def time_steps(args, precision: str, batch: int, aux: bool) -> dict:
+def time_steps(args, precision: str, batch: int, aux: bool, backward: str = "auto") -> dict:
     """Seconds per step of `args.steps` steps (after one warm-up step)."""
     torch.manual_seed(0)
-    cfg = _config(args, precision, batch, aux)
+    cfg = _config(args, precision, batch, aux, backward)
     model = training.TopKCLT(args.layers, args.d_model, args.features, args.k, seed=0)
     new_code = hasattr(training, "train_loss")
     if new_code:
@@ -88,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=4, help="timed steps per row (median)")
     parser.add_argument("--batches", default="1024,2048")
     parser.add_argument("--precisions", default="float32,bfloat16")
+    parser.add_argument("--backwards", default="auto",
+                        help="decoder kernels to time (auto, dense, sparse, blocked; comma-separated)")
     parser.add_argument("--aux", action="store_true", help="also time steps with AuxK active")
     parser.add_argument("--store", type=Path, help="read batches from this activation store")
     parser.add_argument("--threads", type=int, default=2)
@@ -97,12 +100,13 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for batch in [int(b) for b in args.batches.split(",")]:
         for precision in (args.precisions.split(",") if new_code else ["float32"]):
-            for aux in ([False, True] if args.aux and new_code else [False]):
-                rows.append(time_steps(args, precision, batch, aux))
-                r = rows[-1]
-                print(f"  {r['precision']:>8} {r['backward']:>12} B={r['batch']:>5} aux={r['aux']!s:>5} "
-                      f"{r['s_per_step']:6.2f} s/step {r['tok_per_s']:7.0f} tok/s "
-                      f"{r['cpu_s_per_step']:6.2f} CPU-s/step", file=sys.stderr, flush=True)
+            for backward in (args.backwards.split(",") if new_code else ["auto"]):
+                for aux in ([False, True] if args.aux and new_code else [False]):
+                    rows.append(time_steps(args, precision, batch, aux, backward))
+                    r = rows[-1]
+                    print(f"  {r['precision']:>8} {r['backward']:>12} B={r['batch']:>5} aux={r['aux']!s:>5} "
+                          f"{r['s_per_step']:6.2f} s/step {r['tok_per_s']:7.0f} tok/s "
+                          f"{r['cpu_s_per_step']:6.2f} CPU-s/step", file=sys.stderr, flush=True)
     where = Path(inspect.getfile(training)).resolve().parent.parent.parent
     print(f"\nCLT training steps, {args.layers} layers x {args.features} features, d={args.d_model}, "
           f"k={args.k}, {torch.get_num_threads()} threads; code from {where}\n")

@@ -182,7 +182,7 @@ def _codes(gen, B, Fn, k, layers):
     return codes
 
 
-@pytest.mark.parametrize("backward", ["dense", "sparse"])
+@pytest.mark.parametrize("backward", ["dense", "sparse", "blocked"])
 def test_clt_decode_matches_the_dense_sum_of_writes(backward):
     gen = torch.Generator().manual_seed(2)
     Lc, B, Fn, k, d = 3, 9, 12, 3, 5
@@ -204,16 +204,17 @@ def test_clt_decode_matches_the_dense_sum_of_writes(backward):
     assert weights[1].grad is None  # a layer without codes gets no gradient
 
 
-def test_bf16_decode_is_close_to_float32():
+@pytest.mark.parametrize("backward", ["dense", "blocked"])
+def test_bf16_decode_is_close_to_float32(backward):
     gen = torch.Generator().manual_seed(3)
     B, Fn, k, D = 64, 128, 8, 40
     w = torch.randn(Fn, D, generator=gen, requires_grad=True)
     vals, idx = torch.rand(B, Fn, generator=gen).topk(k, dim=-1)
     vals = vals.requires_grad_(True)
     g = torch.randn(B, D, generator=gen)
-    ref = sparse_decode(idx, vals, w)
+    ref = sparse_decode(idx, vals, w, backward)
     ref_grads = torch.autograd.grad(ref, [vals, w], g)
-    low = sparse_decode(idx, vals, w.to(torch.bfloat16))
+    low = sparse_decode(idx, vals, w.to(torch.bfloat16), backward)
     assert low.dtype == torch.float32
     low_grads = torch.autograd.grad(low, [vals, w], g)
     assert torch.allclose(low, ref, rtol=2e-2, atol=2e-2 * float(ref.detach().abs().mean()))
@@ -236,18 +237,19 @@ def _batch(seed=4, B=64):
 
 
 def test_sparse_decoder_step_equals_the_dense_step():
-    """Same batch, same start: the scatter-add (sparse) and matmul (dense) decoder backwards
-    give the same parameters after an Adam step, in float32."""
+    """Same batch, same start: the scatter-add (sparse), blocked-gather (blocked) and matmul
+    (dense) decoder backwards give the same parameters after an Adam step, in float32."""
     x, y = _batch()
     cfg = replace(CONFIG, precision="float32", aux_coef=0.0)
     models = []
-    for backward in ("dense", "sparse"):
+    for backward in ("dense", "sparse", "blocked"):
         model = TopKCLT(L, D, FEATS, K, seed=0)
         model.backward_kind = backward
         _step(model, cfg, x, y, torch.zeros(L, FEATS, dtype=torch.bool))
         models.append(model)
-    for (name, a), (_, b) in zip(models[0].named_parameters(), models[1].named_parameters()):
-        assert torch.allclose(a, b, atol=1e-6, rtol=1e-5), name
+    for other in models[1:]:
+        for (name, a), (_, b) in zip(models[0].named_parameters(), other.named_parameters()):
+            assert torch.allclose(a, b, atol=1e-6, rtol=1e-5), name
 
 
 def test_auxk_is_inactive_when_nothing_is_dead():

@@ -9,7 +9,14 @@ kernels, chosen by `backward`:
   (g W^T) at the active entries (or `sampled_addmm` in float32). At k/F = 1/32 on CPUs with
   bf16 matrix units (AMX) this is the fastest (measured, DESIGN.md section 11);
 - "sparse": `embedding_bag`'s own scatter-add backward and a per-entry dot product, B*k*D
-  work whatever F is: the right one on a GPU or for large F (k/F of a few per mille).
+  work whatever F is: the right one on a GPU or for large F (k/F of a few per mille);
+- "blocked": B*k*d work per (source, target) layer pair, one [F, d] block of W_dec at a time,
+  so that the block and the rows it is gathered into stay in cache (a whole layer's
+  [F, (L-l) d] rows are tens of MB and every one of the B*k gathers streams from memory). The
+  forward is a gather-sum per block; d/dW is the same gather-sum over the *transposed*
+  activations (each feature's bag of tokens, its activations as weights); d/dvals a
+  `sampled_addmm` per block. The fastest on CPUs without bf16 matrix units (measured on an
+  AVX2 EPYC: `bench/clt_train_speed.py`).
 Mixed precision: with `compute_dtype=bfloat16` the matmuls and the decoder gather run in
 bf16 on bf16 copies of the float32 master weights; the reconstruction, the loss, the gradients
 handed to the optimiser and Adam's state stay float32.
@@ -31,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 PRECISIONS = ("auto", "float32", "bfloat16")
-DECODER_BACKWARDS = ("auto", "dense", "sparse")
+DECODER_BACKWARDS = ("auto", "dense", "sparse", "blocked")
 
 
 def fast_bf16(device: torch.device) -> bool:
@@ -51,10 +58,13 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
 
 
 def resolve_backward(backward: str, device: torch.device, k: int, n_features: int) -> str:
-    """"auto" -> "dense" on CPU while k/F >= 1/64 (AMX matmuls beat scatter-adds), else "sparse"."""
+    """"auto" -> on CPU "dense" with bf16 matrix units while k/F >= 1/64 (AMX matmuls beat
+    gathers), else "blocked"; "sparse" on other devices."""
     if backward != "auto":
         return backward
-    return "dense" if device.type == "cpu" and k * 64 >= n_features else "sparse"
+    if device.type != "cpu":
+        return "sparse"
+    return "dense" if fast_bf16(device) and k * 64 >= n_features else "blocked"
 
 
 class _CLTDecode(torch.autograd.Function):
@@ -99,6 +109,74 @@ class _CLTDecode(torch.autograd.Function):
         return (None, *([None] * n), *grad_vals, *grad_w)
 
 
+class _CLTDecodeBlocked(torch.autograd.Function):
+    """The same sum as `_CLTDecode`, one (source l, target t) block W_l[:, t - l] [F, d] at a time
+    (module docstring, "blocked"). Inputs as `_CLTDecode`; output [B, L, d] float32 (a
+    transposed view of a contiguous [L, B, d], the layout `TopKCLT.decode` returns)."""
+
+    @staticmethod
+    def forward(ctx, meta: tuple, *tensors: torch.Tensor) -> torch.Tensor:
+        layers, n_layers, d = meta
+        n = len(layers)
+        idx, vals, weights = tensors[:n], tensors[n:2 * n], tensors[2 * n:]
+        B = idx[0].shape[0]
+        out = vals[0].new_zeros(n_layers, B, d, dtype=_out_dtype(weights[0]))
+        blocks = []
+        for l, i, v, w in zip(layers, idx, vals, weights):
+            wt = w.view(w.shape[0], n_layers - l, d).transpose(0, 1).contiguous()  # [L-l, F, d]
+            v = v.to(w.dtype)
+            for j in range(n_layers - l):
+                out[l + j] += F.embedding_bag(i, wt[j], per_sample_weights=v, mode="sum")
+            blocks.append(wt)
+        ctx.meta = meta
+        ctx.save_for_backward(*idx, *vals, *blocks)
+        return out.transpose(0, 1)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        layers, n_layers, d = ctx.meta
+        n = len(layers)
+        saved = ctx.saved_tensors
+        idx, vals, blocks = saved[:n], saved[n:2 * n], saved[2 * n:]
+        B = g.shape[0]
+        gt = g.transpose(0, 1).to(blocks[0].dtype).contiguous()  # [L, B, d]
+        grad_vals: list[torch.Tensor | None] = [None] * n
+        grad_w: list[torch.Tensor | None] = [None] * n
+        for m, (l, i, v, wt) in enumerate(zip(layers, idx, vals, blocks)):
+            n_f, k = wt.shape[1], i.shape[1]
+            if ctx.needs_input_grad[1 + 2 * n + m]:
+                # Each feature's bag of (token, activation): d/dW_l[f, j] = sum over its tokens.
+                flat = i.reshape(-1)
+                order = torch.argsort(flat, stable=True)
+                tokens, weights = order // k, v.reshape(-1)[order].to(wt.dtype)
+                counts = torch.bincount(flat, minlength=n_f)
+                offsets = torch.cumsum(counts, 0) - counts
+                gw = wt.new_empty(n_f, n_layers - l, d)
+                for j in range(n_layers - l):
+                    gw[:, j] = F.embedding_bag(tokens, gt[l + j], offsets, per_sample_weights=weights, mode="sum")
+                grad_w[m] = gw.view(n_f, -1)
+            if ctx.needs_input_grad[1 + n + m]:
+                grad_vals[m] = _active_dots_blocked(gt[l:], wt, i).to(v.dtype)
+        return (None, *([None] * n), *grad_vals, *grad_w)
+
+
+def _active_dots_blocked(g: torch.Tensor, wt: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """sum_j (g[j] @ wt[j]^T)[b, idx[b, i]]: g [J, B, d], wt [J, F, d], idx [B, k] -> [B, k]
+    (`sampled_addmm` per block; bf16 and float16 blocks by a matmul and a gather)."""
+    if wt.dtype in (torch.bfloat16, torch.float16):
+        return sum((g[j] @ wt[j].T).gather(1, idx) for j in range(len(wt))).float()
+    B, k = idx.shape
+    sorted_idx, order = idx.sort(dim=1)
+    crow = torch.arange(0, B * k + 1, k, dtype=torch.long, device=idx.device)
+    with warnings.catch_warnings():  # "sparse CSR support is in beta"
+        warnings.simplefilter("ignore", UserWarning)
+        mask = torch.sparse_csr_tensor(crow, sorted_idx.reshape(-1), g.new_zeros(B * k), (B, wt.shape[1]))
+    picked = g.new_zeros(B * k)
+    for j in range(len(wt)):
+        picked += torch.sparse.sampled_addmm(mask, g[j], wt[j].T).values()
+    return torch.empty_like(idx, dtype=g.dtype).scatter_(1, order, picked.view(B, k))
+
+
 def _out_dtype(w: torch.Tensor) -> torch.dtype:
     """Sums of writes are float32 at least (float64 stays float64, for gradcheck)."""
     return torch.promote_types(torch.float32, w.dtype)
@@ -139,6 +217,8 @@ def clt_decode(codes: dict[int, tuple[torch.Tensor, torch.Tensor]], weights: lis
         return out
     idx = [codes[l][0] for l in layers]
     vals = [codes[l][1] for l in layers]
+    if backward == "blocked":
+        return _CLTDecodeBlocked.apply((layers, len(weights), d_model), *idx, *vals, *[weights[l] for l in layers])
     return _CLTDecode.apply((layers, len(weights), d_model), *idx, *vals, *[weights[l] for l in layers])
 
 
