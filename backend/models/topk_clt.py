@@ -165,16 +165,11 @@ def _active_dots_blocked(g: torch.Tensor, wt: torch.Tensor, idx: torch.Tensor) -
     (`sampled_addmm` per block; bf16 and float16 blocks by a matmul and a gather)."""
     if wt.dtype in (torch.bfloat16, torch.float16):
         return sum((g[j] @ wt[j].T).gather(1, idx) for j in range(len(wt))).float()
-    B, k = idx.shape
-    sorted_idx, order = idx.sort(dim=1)
-    crow = torch.arange(0, B * k + 1, k, dtype=torch.long, device=idx.device)
-    with warnings.catch_warnings():  # "sparse CSR support is in beta"
-        warnings.simplefilter("ignore", UserWarning)
-        mask = torch.sparse_csr_tensor(crow, sorted_idx.reshape(-1), g.new_zeros(B * k), (B, wt.shape[1]))
-    picked = g.new_zeros(B * k)
+    mask, order = _active_mask(idx, wt.shape[1], g)
+    picked = g.new_zeros(idx.numel())
     for j in range(len(wt)):
         picked += torch.sparse.sampled_addmm(mask, g[j], wt[j].T).values()
-    return torch.empty_like(idx, dtype=g.dtype).scatter_(1, order, picked.view(B, k))
+    return torch.empty_like(idx, dtype=g.dtype).scatter_(1, order, picked.view(idx.shape))
 
 
 def _out_dtype(w: torch.Tensor) -> torch.dtype:
@@ -190,14 +185,21 @@ def _active_dots(g: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, via_matmul
     """
     if via_matmul:
         return (g @ w.T).gather(1, idx)
+    mask, order = _active_mask(idx, w.shape[0], g)
+    picked = torch.sparse.sampled_addmm(mask, g, w.T).values().reshape(idx.shape)
+    return torch.empty_like(picked).scatter_(1, order, picked)
+
+
+def _active_mask(idx: torch.Tensor, n_cols: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The [B, n_cols] CSR pattern of idx [B, k] (zeros of like's dtype, columns sorted per row)
+    and the sort order [B, k] that maps `sampled_addmm` values back to idx's order."""
     B, k = idx.shape
     sorted_idx, order = idx.sort(dim=1)
     crow = torch.arange(0, B * k + 1, k, dtype=torch.long, device=idx.device)
     with warnings.catch_warnings():  # "sparse CSR support is in beta"
         warnings.simplefilter("ignore", UserWarning)
-        mask = torch.sparse_csr_tensor(crow, sorted_idx.reshape(-1), g.new_zeros(B * k), (B, w.shape[0]))
-    picked = torch.sparse.sampled_addmm(mask, g, w.T).values().reshape(B, k)
-    return torch.empty_like(picked).scatter_(1, order, picked)
+        mask = torch.sparse_csr_tensor(crow, sorted_idx.reshape(-1), like.new_zeros(B * k), (B, n_cols))
+    return mask, order
 
 
 def clt_decode(codes: dict[int, tuple[torch.Tensor, torch.Tensor]], weights: list[torch.Tensor],

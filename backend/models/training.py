@@ -8,8 +8,8 @@ Pipeline (DESIGN.md section 11 has the measurements behind each choice):
    mean and one std (so that the mean squared error of layer t *is* its FVU and every layer
    counts the same); the loss is the mean FVU over layers;
 3. train TopK features (k per token and layer): a feature of source layer l writes to `mlp_out`
-   of layers l..L-1 (`topk_clt.py`: the model, its sparse decoder with a dense-matmul or a
-   scatter-add backward, bf16 matmuls where the device has them, and the AuxK loss that trains
+   of layers l..L-1 (`topk_clt.py`: the model, its sparse decoder with a dense-matmul, a
+   scatter-add or a cache-blocked gather backward, bf16 matmuls where the device has them, and the AuxK loss that trains
    dead features on the residual error);
 4. export: fold the normalisation into W_enc / W_dec / b_dec so the files are in plain model
    units, and (by default) convert TopK to JumpReLU with per-feature thresholds calibrated on
@@ -71,7 +71,7 @@ class TrainConfig:
     tokens) or "topk".
     precision: matmul dtype, "auto" = bfloat16 where the device has fast bf16 (AMX, CUDA), else
     float32 (master weights, loss and Adam are float32 either way); decoder_backward: "dense",
-    "sparse" or "auto" (`topk_clt.py`). The device is the adapter's (PIESCOPE_DEVICE).
+    "sparse", "blocked" or "auto" (`topk_clt.py`). The device is the adapter's (PIESCOPE_DEVICE).
     optimizer: "adam" (dense, fused), "lazy-adam" (decoder rows with a zero gradient are not
     touched: `lazy_adam.py`; encoder and biases dense Adam) or "auto" = lazy-adam when a batch
     activates fewer than half of the decoder rows (batch_size * k < features_per_layer / 2),
