@@ -152,6 +152,12 @@ def main(argv: list[str] | None = None) -> int:
         rep = json.loads(report_file.read_text())
         summary["training: steps x batch"] = f"{rep['total_steps']} x {rep['config']['batch_size']}"
         summary["training: minutes (harvest+train)"] = round(rep["seconds"]["total"] / 60, 1)
+        summary["training: minutes harvest / train"] = (f"{rep['seconds']['harvest'] / 60:.1f} / "
+                                                        f"{rep['seconds']['train'] / 60:.1f}")
+        if "train_tokens_per_second" in rep:
+            summary["training: tokens per second"] = (f"{rep['train_tokens_per_second']:.0f} "
+                                                      f"({rep.get('compute_dtype', '?')}, "
+                                                      f"{rep.get('decoder_backward', '?')} decoder backward)")
     print()
     for key, value in summary.items():
         print(f"{key:<36} {value:.3f}" if isinstance(value, float) else f"{key:<36} {value}")
