@@ -26,8 +26,8 @@ test-fast: venv
 demo: venv
 	$(BIN)/piescope demo
 
-# The modular-addition model and its CLT (each built once, ~12 + ~10 minutes on two busy cores),
-# then HAGD on it.
+# The modular-addition model and its CLT (each built once: ~2 minutes and ~10 s on two quiet
+# cores, ~12 + ~10 minutes on two busy ones), then HAGD on it.
 MODADD := models_cache/modadd-113
 demo-modadd: venv
 	test -f $(MODADD)/model/config.json || $(BIN)/piescope train-toy modadd --p 113

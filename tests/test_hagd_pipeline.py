@@ -9,8 +9,8 @@ from backend.cli import main
 from backend.errors import InvalidParameterError
 from backend.hagd.hierarchy import Hierarchy
 from backend.hagd.pipeline import HagdConfig, run_hagd, scorer_samples
-from backend.hagd.scorer import (FEATURE_NAMES, LevelSample, build_scorer, leave_one_task_out,
-                                 load_scorer)
+from backend.hagd.scorer import (FEATURE_NAMES, ClusterGNN, LevelSample, build_scorer, fit_scorer,
+                                 leave_one_task_out, load_scorer)
 from backend.tasks import get_task
 from tests.pie_fixtures import pie_setup
 
@@ -32,14 +32,17 @@ def test_run_hagd_on_a_tiny_model():
 
 
 def synthetic_samples(task: str, n_levels: int, seed: int) -> list[LevelSample]:
-    """Levels whose true effect is a fixed function of two cluster statistics (mass and size)."""
+    """Levels whose true log effect is a fixed function of two cluster statistics (the first-order
+    effect and size), with a task-specific scale the centred loss must ignore; mass is a noisy
+    version of the effect."""
     g = torch.Generator().manual_seed(seed)
+    first, size = FEATURE_NAMES.index("log_first_order"), FEATURE_NAMES.index("log_size")
     out = []
     for level in range(1, n_levels + 1):
         k = 12
         x = torch.randn(k, len(FEATURE_NAMES), generator=g)
-        y = 0.8 * x[:, 5] + 0.3 * torch.tanh(x[:, 0])
-        out.append(LevelSample(task, level, x, torch.eye(k), y, x[:, 5] + 2.0 * torch.randn(k, generator=g)))
+        y = torch.exp(0.8 * x[:, first] + 0.5 * torch.tanh(x[:, size]) + seed)
+        out.append(LevelSample(task, level, x, torch.eye(k), y, y * torch.exp(2.0 * torch.randn(k, generator=g))))
     return out
 
 
@@ -51,6 +54,46 @@ def test_scorer_learns_a_relation_shared_across_tasks_and_beats_a_noisy_mass():
     assert all(r["gnn_spearman"] > r["mass_spearman"] for r in rows)
 
 
+def test_an_untrained_scorer_ranks_by_mass_and_alpha_gates_the_residual():
+    """At initialisation the blend is log mass and the residual a constant, so the ranking is the
+    baseline's; alpha = 0 turns the residual off whatever its weights."""
+    mass = FEATURE_NAMES.index("log_mass")
+    x = torch.randn(20, len(FEATURE_NAMES))
+    model = ClusterGNN()
+    pred = model(x, torch.eye(20)).detach()
+    assert torch.equal(torch.argsort(pred), torch.argsort(x[:, mass]))
+    torch.nn.init.normal_(model.out.weight)
+    assert not torch.equal(torch.argsort(model(x, torch.eye(20)).detach()), torch.argsort(x[:, mass]))
+    assert torch.allclose(model(x, torch.eye(20), alpha=0.0), x[:, mass])
+
+
+def test_fit_scorer_keeps_the_residual_only_where_it_transfers():
+    """A residual that fits noise in every task (labels = mass x noise) ranks unseen tasks worse,
+    so the inner hold-out gives it no weight; a shared relation outside the blend (size) gets one."""
+    def noisy(task: str, seed: int) -> list[LevelSample]:
+        g = torch.Generator().manual_seed(seed)
+        out = []
+        for level in (1, 2):
+            x = torch.randn(12, len(FEATURE_NAMES), generator=g)
+            y = torch.exp(x[:, FEATURE_NAMES.index("log_mass")] + 0.3 * torch.randn(12, generator=g))
+            out.append(LevelSample(task, level, x, torch.eye(12), y, y))
+        return out
+    model, inner = fit_scorer([s for t in range(4) for s in noisy(f"n{t}", t)], epochs=100)
+    assert float(model.alpha) == 0.0 and max(inner, key=inner.get) == 0.0
+    model, inner = fit_scorer([s for t in range(4) for s in synthetic_samples(f"s{t}", 2, seed=t)], epochs=100)
+    assert float(model.alpha) > 0.0
+
+
+def test_leave_one_task_out_holds_out_every_variant_of_the_task():
+    """A task with options on the same model ("modadd+corrupt=b") is the same task: training for
+    either variant never sees the other."""
+    samples = [s for t, seed in (("a@m", 0), ("a+corrupt=b@m", 1), ("b@m", 2), ("c@n", 3))
+               for s in synthetic_samples(t, 2, seed=seed)]
+    rows = {r["heldout"]: r["train_tasks"] for r in leave_one_task_out(samples, epochs=5)}
+    assert rows["a@m"] == rows["a+corrupt=b@m"] == ["b@m", "c@n"]
+    assert rows["b@m"] == ["a+corrupt=b@m", "a@m", "c@n"]
+
+
 def test_scorer_file_round_trip(tmp_path):
     samples = [s for t in range(2) for s in synthetic_samples(f"t{t}", 2, seed=t)]
     scorer = build_scorer(samples, epochs=20)
@@ -58,7 +101,8 @@ def test_scorer_file_round_trip(tmp_path):
     loaded = load_scorer(path)
     x, a = samples[0].x, samples[0].a_hat
     with torch.no_grad():
-        assert torch.equal(scorer.model(scorer.norm(x), a), loaded.model(loaded.norm(x), a))
+        assert torch.equal(scorer.model(x, a), loaded.model(x, a))
+    assert float(loaded.model.alpha) == float(scorer.model.alpha)
     assert loaded.summary()["trained_on"] == ["t0", "t1"]
 
 

@@ -163,3 +163,32 @@ def test_scorer_labels_are_the_exact_search_scores_and_its_baseline_the_mass_sco
         np.testing.assert_allclose(x.y.numpy(), exact(clusters), rtol=1e-5, atol=1e-7)
         np.testing.assert_allclose(x.mass.numpy(), mass(clusters), rtol=1e-5, atol=1e-7)
         assert (x.y >= 0).all() and (x.mass >= 0).all()
+
+
+def test_prompt_fap_is_each_prompts_sum_of_s_and_survives_json():
+    """prompt_fap[p, i] = sum of S over node i's occurrences on prompt p (counted here one
+    occurrence at a time); averaged over prompts it is the graph's `fap`; tokens hold 0."""
+    from backend.hagd.feature_graph import FeatureGraph
+    from backend.hagd.scorer import first_order_effect
+    s = pie_setup("llama", n_prompts=5, n_features=16, n_layers=2)
+    attr = Attributor(s.adapter, s.transcoder)
+    runs_list = [attr.prepare(s.batch)]
+    graph = build_feature_graph(attr, runs_list, pool=8)
+    occ, fap = runs_list[0].occ, runs_list[0].fap
+    expected = np.zeros((len(s.batch), len(graph)))
+    index = {(int(graph.layer[i]), int(graph.feature[i])): i for i in graph.feature_nodes}
+    for p, layer, feature, score in zip(occ.prompt.tolist(), occ.layer.tolist(), occ.feature.tolist(), fap.tolist()):
+        if (layer, feature) in index:
+            expected[p, index[(layer, feature)]] += score
+    np.testing.assert_allclose(graph.prompt_fap, expected, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(graph.prompt_fap.mean(0), graph.fap, rtol=1e-6, atol=1e-9)
+    assert not graph.prompt_fap[:, ~graph.is_feature].any()
+    back = FeatureGraph.from_json(graph.to_json())
+    np.testing.assert_array_equal(back.prompt_fap, graph.prompt_fap)
+    # The first-order effect of a set is per prompt, so opposite members cancel within a prompt only.
+    members = graph.feature_nodes[:3]
+    assert first_order_effect(graph, members) == pytest.approx(np.abs(expected[:, members].sum(1)).mean())
+    assert first_order_effect(graph, members) <= np.abs(expected[:, members]).sum(1).mean() + 1e-12
+    old = graph.to_json()
+    old.pop("prompt_fap")
+    assert FeatureGraph.from_json(old).prompt_fap is None  # graphs stored before it still load

@@ -40,7 +40,10 @@ class FeatureGraph:
     adjacency: [n, n] mean direct effect of source (row) on target (column).
     target: [n] mean direct effect on the metric; fap: [n] mean FAP score summed over positions
     (0 for tokens); abs_fap: [n] mean over prompts of the sum of |S|; act_mean / act_max: [n]
-    over the node's pooled occurrences; n_prompts: [n] prompts on which it was pooled.
+    over the node's pooled occurrences; n_prompts: [n] prompts on which it was pooled;
+    prompt_fap: [P, n] each prompt's sum of S over the node's occurrences (0 for tokens), from
+    which a cluster's first-order effect prompt by prompt, |sum_{i in C} S_pi|, follows (None
+    in graphs stored before it was kept).
     """
 
     ids: list[str]
@@ -57,6 +60,7 @@ class FeatureGraph:
     n_prompts: np.ndarray
     n_prompt_total: int
     meta: dict[str, Any] = field(default_factory=dict)
+    prompt_fap: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -82,7 +86,8 @@ class FeatureGraph:
                 "position": self.position.tolist(), "adjacency": self.adjacency.tolist(),
                 "target": self.target.tolist(), "fap": self.fap.tolist(), "abs_fap": self.abs_fap.tolist(),
                 "act_mean": self.act_mean.tolist(), "act_max": self.act_max.tolist(),
-                "n_prompts": self.n_prompts.tolist(), "n_prompt_total": self.n_prompt_total, "meta": self.meta}
+                "n_prompts": self.n_prompts.tolist(), "n_prompt_total": self.n_prompt_total, "meta": self.meta,
+                "prompt_fap": None if self.prompt_fap is None else self.prompt_fap.tolist()}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> FeatureGraph:
@@ -92,7 +97,9 @@ class FeatureGraph:
                    adjacency=arr("adjacency").reshape(len(data["ids"]), len(data["ids"])),
                    target=arr("target"), fap=arr("fap"), abs_fap=arr("abs_fap"), act_mean=arr("act_mean"),
                    act_max=arr("act_max"), n_prompts=arr("n_prompts", int),
-                   n_prompt_total=int(data["n_prompt_total"]), meta=dict(data.get("meta", {})))
+                   n_prompt_total=int(data["n_prompt_total"]), meta=dict(data.get("meta", {})),
+                   prompt_fap=None if data.get("prompt_fap") is None
+                   else np.asarray(data["prompt_fap"], dtype=float).reshape(-1, len(data["ids"])))
 
 
 def pooled_occurrences(runs: PromptRuns, pool: int) -> list[list[FeatureOccurrence]]:
@@ -131,6 +138,27 @@ def feature_fap(runs_list: list[PromptRuns]) -> dict[tuple[int, int], tuple[floa
             acc[0] += si
             acc[1] += ai
     return {k: (v[0], v[1]) for k, v in totals.items()}
+
+
+def prompt_feature_fap(runs_list: list[PromptRuns], layer: np.ndarray, feature: np.ndarray) -> np.ndarray:
+    """[P, n] each prompt's sum of S over every active occurrence of node (layer[i], feature[i]);
+    columns of nodes that are not features (layer < 0) or never active stay 0."""
+    F = int(max([int(feature[layer >= 0].max(initial=0))] + [int(r.occ.feature.max()) for r in runs_list if len(r.occ)])) + 1
+    node_code = torch.as_tensor(np.where(layer >= 0, layer * F + feature, -1), dtype=torch.long)
+    order = torch.argsort(node_code)
+    sorted_code = node_code[order]
+    rows = []
+    for runs in runs_list:
+        occ = runs.occ
+        out = torch.zeros(len(runs), len(node_code), dtype=torch.float64)
+        if len(occ):
+            code = occ.layer.cpu() * F + occ.feature.cpu()
+            at = torch.searchsorted(sorted_code, code).clamp(max=len(sorted_code) - 1)
+            hit = sorted_code[at] == code
+            out.index_put_((occ.prompt.cpu()[hit], order[at[hit]]), runs.fap.detach().cpu().double()[hit],
+                           accumulate=True)
+        rows.append(out)
+    return torch.cat(rows).numpy() if rows else np.zeros((0, len(node_code)))
 
 
 def build_feature_graph(attr: Attributor, runs_list: list[PromptRuns], pool: int = 50,
@@ -198,14 +226,15 @@ def build_feature_graph(attr: Attributor, runs_list: list[PromptRuns], pool: int
         adj[new[s], new[t]] = w / n_total
     totals = feature_fap(runs_list)
     col = lambda f: np.array([f(info[i], i) for i in order])  # noqa: E731
+    layers, features = col(lambda r, i: r["layer"]).astype(int), col(lambda r, i: r["feature"]).astype(int)
     fap_of = lambda r, i: totals.get((r["layer"], r["feature"]), (0.0, 0.0)) if r["kind"] == FEATURE else (0.0, 0.0)  # noqa: E731
     return FeatureGraph(
         ids=[info[i]["id"] for i in order], kinds=[info[i]["kind"] for i in order],
-        layer=col(lambda r, i: r["layer"]).astype(int), feature=col(lambda r, i: r["feature"]).astype(int),
+        layer=layers, feature=features,
         position=col(lambda r, i: r["position"]).astype(int), adjacency=adj,
         target=col(lambda r, i: target.get(i, 0.0) / n_total),
         fap=col(lambda r, i: fap_of(r, i)[0] / n_total), abs_fap=col(lambda r, i: fap_of(r, i)[1] / n_total),
         act_mean=col(lambda r, i: float(np.mean(acts[i])) if i in acts else 0.0),
         act_max=col(lambda r, i: float(np.max(acts[i])) if i in acts else 0.0),
         n_prompts=col(lambda r, i: prompts_of.get(i, 0)).astype(int), n_prompt_total=n_total,
-        meta={"pool": pool})
+        meta={"pool": pool}, prompt_fap=prompt_feature_fap(runs_list, layers, features))
