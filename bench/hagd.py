@@ -162,8 +162,9 @@ def scorer_table(path: Path) -> list[dict]:
         print(f"(no scorer at {path}: build it with `piescope hagd-scorer`)")
         return []
     summary = load_scorer(path).summary()
-    rows = [{"held-out task": r["heldout"], "clusters": r["clusters"], "GNN Spearman": r["gnn_spearman"],
-             "attribution-mass Spearman": r["mass_spearman"]} for r in summary["loto"]]
+    rows = [{"held-out task": r["heldout"], "clusters": r["clusters"], "scorer Spearman": r["gnn_spearman"],
+             "blend alone": r.get("blend_spearman"), "attribution-mass Spearman": r["mass_spearman"],
+             "residual weight": r.get("alpha")} for r in summary["loto"]]
     print_table(rows)
     return rows
 

@@ -113,8 +113,9 @@ def cmd_hagd_scorer(args: argparse.Namespace, settings: Settings) -> None:
     scorer = build_scorer(samples, epochs=args.epochs, seed=config.seed)
     out = Path(args.out) if args.out else Path(settings.models_cache) / "hagd" / "scorer.pt"
     scorer.save(out)
-    print_table([{"held-out task": r["heldout"], "clusters": r["clusters"], "GNN Spearman": r["gnn_spearman"],
-                  "attribution-mass Spearman": r["mass_spearman"]} for r in scorer.info["loto"]])
+    print_table([{"held-out task": r["heldout"], "clusters": r["clusters"], "scorer Spearman": r["gnn_spearman"],
+                  "blend alone": r["blend_spearman"], "attribution-mass Spearman": r["mass_spearman"],
+                  "residual weight": r["alpha"]} for r in scorer.info["loto"]])
     print(f"wrote {out} (trained on {', '.join(scorer.info['tasks'])}; {scorer.info['n_clusters']} clusters)")
 
 
