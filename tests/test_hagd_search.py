@@ -167,7 +167,8 @@ def test_scorer_labels_are_the_exact_search_scores_and_its_baseline_the_mass_sco
 
 def test_prompt_fap_is_each_prompts_sum_of_s_and_survives_json():
     """prompt_fap[p, i] = sum of S over node i's occurrences on prompt p (counted here one
-    occurrence at a time); averaged over prompts it is the graph's `fap`; tokens hold 0."""
+    occurrence at a time); averaged over prompts it is the graph's `fap`, and the same count of
+    |S| gives `abs_fap`; tokens hold 0."""
     from backend.hagd.feature_graph import FeatureGraph
     from backend.hagd.scorer import first_order_effect
     s = pie_setup("llama", n_prompts=5, n_features=16, n_layers=2)
@@ -176,12 +177,15 @@ def test_prompt_fap_is_each_prompts_sum_of_s_and_survives_json():
     graph = build_feature_graph(attr, runs_list, pool=8)
     occ, fap = runs_list[0].occ, runs_list[0].fap
     expected = np.zeros((len(s.batch), len(graph)))
+    expected_abs = np.zeros(len(graph))
     index = {(int(graph.layer[i]), int(graph.feature[i])): i for i in graph.feature_nodes}
     for p, layer, feature, score in zip(occ.prompt.tolist(), occ.layer.tolist(), occ.feature.tolist(), fap.tolist()):
         if (layer, feature) in index:
             expected[p, index[(layer, feature)]] += score
+            expected_abs[index[(layer, feature)]] += abs(score) / len(s.batch)
     np.testing.assert_allclose(graph.prompt_fap, expected, rtol=1e-6, atol=1e-9)
     np.testing.assert_allclose(graph.prompt_fap.mean(0), graph.fap, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(graph.abs_fap, expected_abs, rtol=1e-6, atol=1e-9)
     assert not graph.prompt_fap[:, ~graph.is_feature].any()
     back = FeatureGraph.from_json(graph.to_json())
     np.testing.assert_array_equal(back.prompt_fap, graph.prompt_fap)

@@ -140,25 +140,32 @@ def feature_fap(runs_list: list[PromptRuns]) -> dict[tuple[int, int], tuple[floa
     return {k: (v[0], v[1]) for k, v in totals.items()}
 
 
-def prompt_feature_fap(runs_list: list[PromptRuns], layer: np.ndarray, feature: np.ndarray) -> np.ndarray:
-    """[P, n] each prompt's sum of S over every active occurrence of node (layer[i], feature[i]);
-    columns of nodes that are not features (layer < 0) or never active stay 0."""
+def prompt_feature_fap(runs_list: list[PromptRuns], layer: np.ndarray,
+                       feature: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """([P, n], [P, n]): each prompt's sum of S and sum of |S| over every active occurrence of
+    node (layer[i], feature[i]); columns of nodes that are not features (layer < 0) or never
+    active stay 0. One scatter per batch of prompts, no loop over occurrences."""
     F = int(max([int(feature[layer >= 0].max(initial=0))] + [int(r.occ.feature.max()) for r in runs_list if len(r.occ)])) + 1
     node_code = torch.as_tensor(np.where(layer >= 0, layer * F + feature, -1), dtype=torch.long)
     order = torch.argsort(node_code)
     sorted_code = node_code[order]
-    rows = []
+    signed, absolute = [], []
     for runs in runs_list:
         occ = runs.occ
-        out = torch.zeros(len(runs), len(node_code), dtype=torch.float64)
+        out = torch.zeros(2, len(runs), len(node_code), dtype=torch.float64)
         if len(occ):
             code = occ.layer.cpu() * F + occ.feature.cpu()
             at = torch.searchsorted(sorted_code, code).clamp(max=len(sorted_code) - 1)
             hit = sorted_code[at] == code
-            out.index_put_((occ.prompt.cpu()[hit], order[at[hit]]), runs.fap.detach().cpu().double()[hit],
-                           accumulate=True)
-        rows.append(out)
-    return torch.cat(rows).numpy() if rows else np.zeros((0, len(node_code)))
+            s = runs.fap.detach().cpu().double()[hit]
+            prompt, column = occ.prompt.cpu()[hit], order[at[hit]]
+            out[0].index_put_((prompt, column), s, accumulate=True)
+            out[1].index_put_((prompt, column), s.abs(), accumulate=True)
+        signed.append(out[0])
+        absolute.append(out[1])
+    if not signed:
+        return np.zeros((0, len(node_code))), np.zeros((0, len(node_code)))
+    return torch.cat(signed).numpy(), torch.cat(absolute).numpy()
 
 
 def build_feature_graph(attr: Attributor, runs_list: list[PromptRuns], pool: int = 50,
@@ -224,17 +231,16 @@ def build_feature_graph(attr: Attributor, runs_list: list[PromptRuns], pool: int
     adj = np.zeros((n, n))
     for (s, t), w in edges.items():
         adj[new[s], new[t]] = w / n_total
-    totals = feature_fap(runs_list)
     col = lambda f: np.array([f(info[i], i) for i in order])  # noqa: E731
     layers, features = col(lambda r, i: r["layer"]).astype(int), col(lambda r, i: r["feature"]).astype(int)
-    fap_of = lambda r, i: totals.get((r["layer"], r["feature"]), (0.0, 0.0)) if r["kind"] == FEATURE else (0.0, 0.0)  # noqa: E731
+    signed, absolute = prompt_feature_fap(runs_list, layers, features)
     return FeatureGraph(
         ids=[info[i]["id"] for i in order], kinds=[info[i]["kind"] for i in order],
         layer=layers, feature=features,
         position=col(lambda r, i: r["position"]).astype(int), adjacency=adj,
         target=col(lambda r, i: target.get(i, 0.0) / n_total),
-        fap=col(lambda r, i: fap_of(r, i)[0] / n_total), abs_fap=col(lambda r, i: fap_of(r, i)[1] / n_total),
+        fap=signed.sum(0) / max(n_total, 1), abs_fap=absolute.sum(0) / max(n_total, 1),
         act_mean=col(lambda r, i: float(np.mean(acts[i])) if i in acts else 0.0),
         act_max=col(lambda r, i: float(np.max(acts[i])) if i in acts else 0.0),
         n_prompts=col(lambda r, i: prompts_of.get(i, 0)).astype(int), n_prompt_total=n_total,
-        meta={"pool": pool}, prompt_fap=prompt_feature_fap(runs_list, layers, features))
+        meta={"pool": pool}, prompt_fap=signed)
