@@ -26,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from backend.circuits.attribution import Attributor  # noqa: E402
+from backend.cli.hagd import scorer_rows  # noqa: E402
 from backend.cli.output import print_table  # noqa: E402
 from backend.hagd.feature_graph import build_feature_graph  # noqa: E402
 from backend.hagd.hierarchy import build_hierarchy  # noqa: E402
@@ -162,9 +163,7 @@ def scorer_table(path: Path) -> list[dict]:
         print(f"(no scorer at {path}: build it with `piescope hagd-scorer`)")
         return []
     summary = load_scorer(path).summary()
-    rows = [{"held-out task": r["heldout"], "clusters": r["clusters"], "scorer Spearman": r["gnn_spearman"],
-             "blend alone": r.get("blend_spearman"), "attribution-mass Spearman": r["mass_spearman"],
-             "residual weight": r.get("alpha")} for r in summary["loto"]]
+    rows = scorer_rows(summary["loto"])
     print_table(rows)
     return rows
 

@@ -52,6 +52,10 @@ def test_scorer_learns_a_relation_shared_across_tasks_and_beats_a_noisy_mass():
     assert [r["heldout"] for r in rows] == ["task0", "task1", "task2"]
     assert all(r["gnn_spearman"] > 0.8 for r in rows)
     assert all(r["gnn_spearman"] > r["mass_spearman"] for r in rows)
+    for r in rows:  # the gain over mass is the difference of the two, with a CI around it
+        gain, lo, hi = r["gain_over_mass"]
+        assert gain == pytest.approx(r["gnn_spearman"] - r["mass_spearman"], abs=1e-9)
+        assert lo <= gain <= hi
 
 
 def test_an_untrained_scorer_ranks_by_mass_and_alpha_gates_the_residual():

@@ -16,6 +16,7 @@ from backend.circuits.stats import (
     effective_budget_plan,
     effective_budget_tests,
     interpolate_k_for_value,
+    paired_spearman_difference,
     paired_tost,
     summarize,
 )
@@ -269,3 +270,22 @@ def test_effective_budget_tests_run_the_tost_at_the_planned_budgets():
     none = effective_budget_tests(a, base, {**plan, "k_equivalent": None, "k_base": None}, margin=0.2)
     assert none["p_value"] is None and none["base_kl_at_k_base"] is None
     assert none["claimed_p_value"] is not None
+
+
+def test_paired_spearman_difference_matches_scipy_and_brackets_truth():
+    """The point difference is scipy's rho(a) - rho(b); a ranking that is the truth itself beats
+    a noisy one with a CI above 0; two equal rankings give exactly 0 on every resample."""
+    rng = np.random.default_rng(1)
+    truth = rng.normal(size=200)
+    good, noisy = truth + 0.1 * rng.normal(size=200), truth + 1.0 * rng.normal(size=200)
+    diff, lo, hi = paired_spearman_difference(good, noisy, truth, n_boot=500)
+    expected = sps.spearmanr(good, truth).statistic - sps.spearmanr(noisy, truth).statistic
+    assert diff == pytest.approx(expected, abs=1e-12)
+    assert 0 < lo < diff < hi
+    assert paired_spearman_difference(noisy, noisy, truth, n_boot=50) == (0.0, 0.0, 0.0)
+    # ties (as resampling makes) are ranked like scipy does
+    tied = np.round(truth, 0)
+    assert paired_spearman_difference(tied, noisy, truth)[0] == pytest.approx(
+        sps.spearmanr(tied, truth).statistic - sps.spearmanr(noisy, truth).statistic, abs=1e-12)
+    with pytest.raises(ValueError):
+        paired_spearman_difference([1.0, 2.0], [2.0, 1.0], [1.0, 2.0])

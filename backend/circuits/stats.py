@@ -1,4 +1,5 @@
-"""Statistics of per-prompt results: bootstrap CIs, paired TOST, effective compression and budget.
+"""Statistics of per-prompt results: bootstrap CIs, paired TOST, effective compression and budget,
+and the paired difference of two rankings' Spearman correlations.
 
 DESIGN.md section 5, "Evaluation" (mean, std, bootstrap 95% CI of a per-prompt quantity) and
 "Headline numbers" (effective compression, effective budget backed by a paired TOST at the
@@ -52,6 +53,37 @@ def bootstrap_ci(
     alpha = (1.0 - level) / 2.0
     lo, hi = np.quantile(means, [alpha, 1.0 - alpha])
     return float(lo), float(hi)
+
+
+def paired_spearman_difference(
+    a: ArrayLike, b: ArrayLike, truth: ArrayLike, n_boot: int = 2000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float, float]:
+    """rho(a, truth) - rho(b, truth), Spearman, with a paired percentile bootstrap CI over items.
+
+    a, b, truth: [n] two rankings of the same n items and the quantity they rank. Each of the
+    n_boot resamples draws items with replacement and ranks all three on the same draw (average
+    ranks for the ties the draw makes), so the CI reflects that a and b are judged on the same
+    items. Returns (difference, lo, hi).
+    """
+    x, y, t = _as_1d(a, "a"), _as_1d(b, "b"), _as_1d(truth, "truth")
+    if not x.shape == y.shape == t.shape:
+        raise ValueError(f"a, b and truth must have the same length, got {x.size}, {y.size}, {t.size}")
+    if x.size < 3:
+        raise ValueError("a Spearman difference needs at least 3 items")
+
+    def rho(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+        """Row-wise Spearman of [m, n] arrays (0 where a row is constant)."""
+        ru, rv = sps.rankdata(u, axis=-1), sps.rankdata(v, axis=-1)
+        ru, rv = ru - ru.mean(-1, keepdims=True), rv - rv.mean(-1, keepdims=True)
+        den = np.sqrt((ru ** 2).sum(-1) * (rv ** 2).sum(-1))
+        return np.divide((ru * rv).sum(-1), den, out=np.zeros_like(den), where=den > 0)
+
+    diff = float(rho(x[None], t[None])[0] - rho(y[None], t[None])[0])
+    idx = np.random.default_rng(seed).integers(0, x.size, size=(n_boot, x.size))
+    boot = rho(x[idx], t[idx]) - rho(y[idx], t[idx])
+    alpha = (1.0 - level) / 2.0
+    lo, hi = np.quantile(boot, [alpha, 1.0 - alpha])
+    return diff, float(lo), float(hi)
 
 
 def summarize(values: ArrayLike, seed: int = 0) -> Stat:

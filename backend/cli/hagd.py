@@ -113,10 +113,19 @@ def cmd_hagd_scorer(args: argparse.Namespace, settings: Settings) -> None:
     scorer = build_scorer(samples, epochs=args.epochs, seed=config.seed)
     out = Path(args.out) if args.out else Path(settings.models_cache) / "hagd" / "scorer.pt"
     scorer.save(out)
-    print_table([{"held-out task": r["heldout"], "clusters": r["clusters"], "scorer Spearman": r["gnn_spearman"],
-                  "blend alone": r["blend_spearman"], "attribution-mass Spearman": r["mass_spearman"],
-                  "residual weight": r["alpha"]} for r in scorer.info["loto"]])
+    print_table(scorer_rows(scorer.info["loto"]))
     print(f"wrote {out} (trained on {', '.join(scorer.info['tasks'])}; {scorer.info['n_clusters']} clusters)")
+
+
+def scorer_rows(loto: list[dict]) -> list[dict]:
+    """The leave-one-task-out table: per held-out task, the scorer's and attribution mass's
+    Spearman with the true effect and the scorer's gain with its 95% CI."""
+    def gain(r: dict) -> str | None:
+        g = r.get("gain_over_mass")
+        return f"{g[0]:+.4f} [{g[1]:+.4f}, {g[2]:+.4f}]" if g else None
+    return [{"held-out task": r["heldout"], "clusters": r["clusters"], "scorer Spearman": r["gnn_spearman"],
+             "blend alone": r.get("blend_spearman"), "attribution-mass Spearman": r["mass_spearman"],
+             "scorer - mass [95% CI]": gain(r), "residual weight": r.get("alpha")} for r in loto]
 
 
 def task_with_options(spec: str):
