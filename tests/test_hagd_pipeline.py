@@ -136,6 +136,8 @@ def test_bad_options():
     (["--options", '{"poool": 1}'], "unknown HAGD option"),
     (["--options", "{oops"], "--options"),
     (["-n", "0"], "-n must be"),
+    (["--task", "modadd+corrupt"], "must be key=value"),
+    (["--task", "modadd+colour=red"], "colour"),
 ])
 def test_cli_bad_input_is_one_line(capsys, argv, needle):
     code = main(["hagd", "--model", "x", "--transcoder", "x/y", "--task", "modadd", *argv])

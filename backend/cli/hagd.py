@@ -16,7 +16,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                        "and mask search, verification by ablation")
     p.add_argument("--model", required=True, help="model name (see `piescope models`) or local directory")
     p.add_argument("--transcoder", required=True, help="transcoder name <model>/<dir> or a directory")
-    p.add_argument("--task", required=True, help="e.g. modadd, ioi, docstring, greater-than")
+    p.add_argument("--task", required=True, help="e.g. modadd, ioi, docstring, greater-than; options as "
+                   "task+key=value (e.g. modadd+corrupt=b)")
     p.add_argument("-n", type=int, default=32, help="prompt pairs for the graph and the search")
     p.add_argument("--options", help="HAGD options as JSON, e.g. '{\"pool\": 50, \"lam\": 0.05, "
                    "\"score\": \"mass\", \"verify_seeds\": 5}'")
@@ -45,11 +46,10 @@ def cmd_hagd(args: argparse.Namespace, settings: Settings) -> None:
     from backend.models.loading import load_model
     from backend.models.transcoder_files import load_transcoder
     from backend.models.transcoder_registry import resolve_transcoder
-    from backend.tasks import get_task
     if args.n <= 0:
         raise UserError(f"-n must be a positive number of prompts, not {args.n}")
     config = HagdConfig.from_options(parse_options(args.options))  # fail before loading anything
-    task = get_task(args.task)
+    task = task_with_options(args.task)
     verify_map = nullcontext(None)
     if wants_ray(args, settings):  # the driver runs the search; the actors verify
         ray_settings, inputs, _, _ = ray_inputs(args, settings, {})
