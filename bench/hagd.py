@@ -1,6 +1,7 @@
 """HAGD benchmarks (issue 13): prints tables (run: `python bench/hagd.py`; slow on a busy CPU).
 
-1. circuits: HAGD's circuit on modadd-113 (and IOI on the demo model with --ioi): its size,
+1. circuits: HAGD's circuit on modadd-113 (and tasks on the demo model with --demo, e.g.
+   `--demo ioi,greater-than`): its size,
    sufficiency and necessity (mean +- std over 5 fresh prompt sets), against FAP's top features
    and random active features at the same number of features;
 2. size sweep (modadd-113): sufficiency against circuit size, HAGD at several lambdas and FAP's
@@ -175,10 +176,12 @@ def main() -> None:
                         '"lr": 0.1, "metric_weight": 1.0}')
     parser.add_argument("--lams", default="0.02,0.05,0.1,0.2,0.5,1.0", help="the size sweep's lambdas")
     parser.add_argument("--pools", default="5,10,20,40,80")
-    parser.add_argument("--ioi-n", type=int, default=16, help="IOI prompts (graph, search and each verification set)")
-    parser.add_argument("--ioi", action="store_true", help="also IOI on the demo model (needs its CLT)")
+    parser.add_argument("--demo", default="", help="comma-separated tasks to run on the demo model too, e.g. "
+                        "ioi,greater-than,docstring (needs its CLT)")
+    parser.add_argument("--demo-n", type=int, default=16,
+                        help="demo-model prompts (graph, search and each verification set)")
     parser.add_argument("--skip", default="", help="comma-separated sections to skip: circuits,sweep,cost,scorer "
-                        "(modadd: the modadd circuits table only, e.g. with --ioi)")
+                        "(modadd: the modadd circuits table only, e.g. with --demo)")
     parser.add_argument("--out", help="write every table as JSON here")
     args = parser.parse_args()
     settings = Settings()
@@ -189,8 +192,8 @@ def main() -> None:
         print("\n## Circuits: sufficiency and necessity at equal size (mean ± std over prompt sets)\n")
         if "modadd" not in skip:
             out["modadd"] = circuits_table(settings, "modadd-113", "modadd-113/clt", "modadd", args.n, options)
-        if args.ioi:
-            out["ioi"] = circuits_table(settings, "gemma-3-270m", "gemma-3-270m/clt", "ioi", args.ioi_n, options)
+        for task in filter(None, (t.strip() for t in args.demo.split(","))):
+            out[task] = circuits_table(settings, "gemma-3-270m", "gemma-3-270m/clt", task, args.demo_n, options)
     if "sweep" not in skip:
         print("\n## Size sweep (modadd-113): sufficiency against circuit size\n")
         out["sweep"] = size_sweep(settings, "modadd-113", "modadd-113/clt", "modadd", args.n,

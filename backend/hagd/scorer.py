@@ -281,7 +281,8 @@ def leave_one_task_out(samples: list[LevelSample], **train_args: Any) -> list[di
         true = torch.cat([s.y for s in test]).numpy()
         mass = torch.cat([s.mass for s in test]).numpy()
         predicted = _predict(model, test, float(model.alpha))
-        gain = paired_spearman_difference(predicted, mass, true, seed=train_args.get("seed", 0)) if len(true) >= 3 else None
+        gain = (paired_spearman_difference(predicted, mass, true, seed=train_args.get("seed", 0))
+                if len(true) >= 3 else None)
         rows.append({"heldout": task, "clusters": int(len(true)),
                      "gnn_spearman": _spearman(predicted, true),
                      "blend_spearman": _spearman(_predict(model, test, 0.0), true),
