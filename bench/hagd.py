@@ -43,13 +43,23 @@ from backend.settings import Settings  # noqa: E402
 from backend.tasks import get_task  # noqa: E402
 
 
+_LOADED: dict[tuple[str, str], tuple] = {}
+
+
+def model_and_transcoder(settings: Settings, model: str, tc_name: str) -> tuple:
+    """The model's adapter and the transcoder, loaded once per run (each section reuses them)."""
+    if (model, tc_name) not in _LOADED:
+        _LOADED[(model, tc_name)] = (load_model(model, settings),
+                                     load_transcoder(resolve_transcoder(tc_name, settings)[1]))
+    return _LOADED[(model, tc_name)]
+
+
 def pct(mean: float, std: float) -> str:
     return f"{100 * mean:.1f}% ± {100 * std:.1f}"
 
 
 def circuits_table(settings: Settings, model: str, tc_name: str, task: str, n: int, options: dict) -> dict:
-    adapter = load_model(model, settings)
-    transcoder = load_transcoder(resolve_transcoder(tc_name, settings)[1])
+    adapter, transcoder = model_and_transcoder(settings, model, tc_name)
     result = run_hagd(adapter, transcoder, get_task(task), n, HagdConfig.from_options(options),
                       model_name=model, transcoder_name=tc_name, task_name=task)
     rows = [{"task": f"{task} ({model})", "circuit": name, "features": v["n_features"],
@@ -72,8 +82,7 @@ def size_sweep(settings: Settings, model: str, tc_name: str, task: str, n: int, 
     """Sufficiency against circuit size: HAGD at several lambdas (one graph, hierarchy and
     coarse-to-fine search; a mask search per lambda), FAP's top-k and random at each HAGD size,
     all verified on the same fresh prompt sets (the pipeline's verify_sets)."""
-    adapter = load_model(model, settings)
-    transcoder = load_transcoder(resolve_transcoder(tc_name, settings)[1])
+    adapter, transcoder = model_and_transcoder(settings, model, tc_name)
     config = HagdConfig.from_options(options)
     attr = Attributor(adapter, transcoder, config.corruption, config.grad)
     runs_list = _prepare(attr, get_task(task).build(adapter.tokenizer, n, seed=config.seed), config.batch_size)
@@ -124,8 +133,7 @@ def exponent(x: list[float], y: list[float]) -> float:
 
 def cost_table(settings: Settings, model: str, tc_name: str, task: str, n: int, pools: list[int],
                options: dict) -> list[dict]:
-    adapter = load_model(model, settings)
-    transcoder = load_transcoder(resolve_transcoder(tc_name, settings)[1])
+    adapter, transcoder = model_and_transcoder(settings, model, tc_name)
     config = HagdConfig.from_options(options)
     attr = Attributor(adapter, transcoder)
     runs_list = _prepare(attr, get_task(task).build(adapter.tokenizer, n, seed=config.seed), config.batch_size)
